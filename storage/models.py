@@ -334,7 +334,7 @@ class SpanAnnotation(SQLModel, table=True):
     """A half-open span [start, end) in Unicode code points of the generation's text."""
 
     __tablename__ = "span_annotations"
-    __table_args__ = (sa.CheckConstraint("start >= 0 AND \"end\" > start", name="valid_range"),)
+    __table_args__ = (sa.CheckConstraint('start >= 0 AND "end" > start', name="valid_range"),)
     id: int | None = Field(default=None, primary_key=True)
     span_set_id: int = Field(foreign_key="span_sets.id", index=True)
     start: int

@@ -1,0 +1,39 @@
+"""Business logic of the studio: no gradio here, persistence only through `storage.crud`.
+
+`Services` bundles one instance of each service around a shared `Database` and `Settings`;
+`app.py` builds it once and hands it to the UI, the CLI and (later) the REST API.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage.db import Database
+from studio.services.errors import ServiceError
+from studio.services.generate import GenerationService
+from studio.services.projects import ProjectService
+from studio.services.prompts import PromptService
+from studio.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    projects: ProjectService
+    prompts: PromptService
+    generation: GenerationService
+
+    @classmethod
+    def build(cls, settings: Settings, db: Database) -> Services:
+        prompts = PromptService(db, settings)
+        return cls(
+            settings=settings,
+            db=db,
+            projects=ProjectService(db, settings, prompts),
+            prompts=prompts,
+            generation=GenerationService(db, settings),
+        )
+
+
+__all__ = ["ServiceError", "Services"]

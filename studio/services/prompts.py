@@ -1,0 +1,332 @@
+"""Prompts: import from files (strict or lenient, atomic), browse and search."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from storage.imports import ImportLimits, ImportProblem, parse_prompt_file
+
+from storage import crud
+from storage.db import Database
+from storage.models import Prompt
+from studio.services.errors import ServiceError
+from studio.settings import Settings
+
+DuplicatePolicy = Literal["skip", "update", "error"]
+DUPLICATE_POLICIES: tuple[str, ...] = ("skip", "update", "error")
+
+
+@dataclass
+class ImportReport:
+    """What an import did; `committed` is False when nothing was written."""
+
+    file: str
+    format: str
+    lenient: bool
+    on_duplicate: str
+    rows_seen: int = 0
+    inserted: int = 0
+    updated: int = 0
+    skipped_existing: list[str] = field(default_factory=list)
+    problems: list[ImportProblem] = field(default_factory=list)
+    committed: bool = False
+
+    def summary(self) -> str:
+        if not self.committed:
+            return (
+                f"Nothing imported from {self.file}: {len(self.problems)} problem(s) found in "
+                f"{self.rows_seen} row(s). Fix them, or import in lenient mode to keep the good rows."
+            )
+        parts = [f"Imported {self.inserted} new prompt(s) from {self.file} ({self.format})"]
+        if self.updated:
+            parts.append(f"updated {self.updated} existing")
+        if self.skipped_existing:
+            parts.append(
+                f"skipped {len(self.skipped_existing)} already in the project (policy: {self.on_duplicate})"
+            )
+        if self.problems:
+            parts.append(f"left out {len(self.problems)} problem row(s)/field(s)")
+        return "; ".join(parts) + "."
+
+    def problems_as_dicts(self) -> list[dict[str, Any]]:
+        return [p.to_dict() for p in self.problems]
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    id: int
+    external_id: str
+    kind: str
+    tags: list[str]
+    generations: int
+    text: str
+
+
+@dataclass(frozen=True)
+class BrowsePage:
+    rows: list[PromptRow]
+    total: int
+    page: int
+    pages: int
+
+
+@dataclass(frozen=True)
+class GenerationRow:
+    id: int
+    model: str
+    checkpoint_id: int
+    sample_index: int
+    text: str
+    params: dict[str, Any]
+    seed: int | None
+    num_tokens: int | None
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class PromptDetail:
+    id: int
+    external_id: str
+    kind: str
+    text: str
+    messages: list[dict[str, str]] | None
+    tags: list[str]
+    source: str | None
+    generations: list[GenerationRow]
+
+
+class PromptService:
+    def __init__(self, db: Database, settings: Settings):
+        self.db = db
+        self.settings = settings
+
+    @property
+    def limits(self) -> ImportLimits:
+        return ImportLimits(max_file_bytes=self.settings.max_upload_mb * 2**20)
+
+    # ----------------------------------------------------------------------- import
+
+    def import_file(
+        self,
+        project_id: int,
+        path: str | Path,
+        *,
+        lenient: bool = False,
+        on_duplicate: DuplicatePolicy = "skip",
+        display_name: str | None = None,
+    ) -> ImportReport:
+        """Import prompts from JSONL, CSV, Parquet, TXT, a `datasets.save_to_disk` folder (or a .zip of one).
+
+        Strict (default): any bad row rejects the whole file and nothing is written.
+        Lenient: the good rows are imported and the rest reported.
+        An id already in the project is skipped (default), updated, or an error, as `on_duplicate` says.
+        """
+        if on_duplicate not in DUPLICATE_POLICIES:
+            raise ServiceError(
+                f"on_duplicate must be one of {', '.join(DUPLICATE_POLICIES)}, got {on_duplicate!r}"
+            )
+        path = Path(path)
+        name = display_name or path.name
+        with self.db.read() as s:
+            if crud.get_project(s, project_id) is None:
+                raise ServiceError(f"project {project_id} does not exist")
+        with _unpacked(path, self.limits) as (source, unpack_problem):
+            if unpack_problem is not None:
+                report = ImportReport(file=name, format="zip", lenient=lenient, on_duplicate=on_duplicate)
+                report.problems.append(ImportProblem(name, None, None, "bad_zip", unpack_problem))
+                return report
+            parsed = parse_prompt_file(source, lenient=lenient, limits=self.limits, display_name=name)
+        report = ImportReport(
+            file=name,
+            format=parsed.format,
+            lenient=lenient,
+            on_duplicate=on_duplicate,
+            rows_seen=parsed.rows_seen,
+            problems=list(parsed.problems),
+        )
+        if (parsed.problems and not lenient) or not parsed.records:
+            return report
+
+        try:
+            self._write_records(project_id, parsed.records, report)
+        except _Rejected:
+            report.inserted = report.updated = 0
+            report.skipped_existing.clear()
+        return report
+
+    def _write_records(self, project_id: int, records, report: ImportReport) -> None:
+        name, on_duplicate = report.file, report.on_duplicate
+        with self.db.write() as s:
+            existing = crud.existing_prompt_ids(
+                s, project_id=project_id, external_ids=[r.external_id for r in records]
+            )
+            new_rows, update_rows = [], []
+            for rec in records:
+                row = {
+                    "external_id": rec.external_id,
+                    "kind": rec.kind,
+                    "text": rec.text,
+                    "messages": rec.messages,
+                    "tags": rec.tags,
+                    "source": name,
+                }
+                if rec.external_id not in existing:
+                    new_rows.append(row)
+                elif on_duplicate == "update":
+                    update_rows.append(row)
+                elif on_duplicate == "skip":
+                    report.skipped_existing.append(rec.external_id)
+                else:
+                    report.problems.append(
+                        ImportProblem(
+                            name,
+                            rec.line,
+                            "id",
+                            "exists",
+                            f"a prompt with id {rec.external_id!r} is already in the project",
+                        )
+                    )
+            if any(p.code == "exists" for p in report.problems) and not report.lenient:
+                raise _Rejected  # leaving the transaction by exception rolls it back
+            report.inserted = crud.insert_prompts(s, project_id=project_id, rows=new_rows)
+            report.updated = crud.update_prompts(s, project_id=project_id, rows=update_rows)
+        report.committed = True
+
+    # ----------------------------------------------------------------------- browse
+
+    def tags(self, project_id: int) -> list[str]:
+        with self.db.read() as s:
+            return crud.project_tags(s, project_id=project_id)
+
+    def browse(
+        self, project_id: int, *, query: str = "", tag: str | None = None, page: int = 1, page_size: int = 20
+    ) -> BrowsePage:
+        page_size = max(1, min(int(page_size), 200))
+        query, tag, page = (query or "").strip(), tag or None, max(1, int(page))
+        with self.db.read() as s:
+            rows, total = crud.search_prompts(
+                s, project_id=project_id, query=query, tag=tag, offset=(page - 1) * page_size, limit=page_size
+            )
+            pages = max(1, math.ceil(total / page_size))
+            if page > pages:  # past the end (e.g. a narrower search): show the last page
+                page = pages
+                rows, total = crud.search_prompts(
+                    s,
+                    project_id=project_id,
+                    query=query,
+                    tag=tag,
+                    offset=(page - 1) * page_size,
+                    limit=page_size,
+                )
+        return BrowsePage(
+            rows=[
+                PromptRow(
+                    id=p.id,
+                    external_id=p.external_id,
+                    kind=str(p.kind),
+                    tags=list(p.tags or []),
+                    generations=n,
+                    text=p.text,
+                )
+                for p, n in rows
+            ],
+            total=total,
+            page=page,
+            pages=pages,
+        )
+
+    def detail(self, project_id: int, prompt_id: int) -> PromptDetail:
+        with self.db.read() as s:
+            prompt = s.get(Prompt, prompt_id)
+            if prompt is None or prompt.project_id != project_id:
+                raise ServiceError(f"prompt {prompt_id} is not in this project")
+            gens = crud.generations_for_prompt(s, prompt_id=prompt_id)
+        return PromptDetail(
+            id=prompt.id,
+            external_id=prompt.external_id,
+            kind=str(prompt.kind),
+            text=prompt.text,
+            messages=prompt.messages,
+            tags=list(prompt.tags or []),
+            source=prompt.source,
+            generations=[
+                GenerationRow(
+                    id=g.id,
+                    model=c.name,
+                    checkpoint_id=c.id,
+                    sample_index=g.sample_index,
+                    text=g.text,
+                    params=dict(g.params or {}),
+                    seed=g.seed,
+                    num_tokens=g.num_tokens,
+                    finish_reason=g.finish_reason,
+                )
+                for g, c in gens
+            ],
+        )
+
+
+class _Rejected(Exception):
+    """Raised inside the write transaction to roll it back (strict import with existing ids)."""
+
+
+class _unpacked:
+    """Context manager: a .zip (of a `datasets.save_to_disk` folder) is extracted to a temp dir.
+
+    Yields (path to parse, problem message or None). Members that would land outside the temp
+    dir, or an uncompressed size over the upload limit, are refused before extracting.
+    """
+
+    def __init__(self, path: Path, limits: ImportLimits):
+        self.path, self.limits, self.tmp = path, limits, None
+
+    def __enter__(self) -> tuple[Path, str | None]:
+        if self.path.suffix.lower() != ".zip":
+            return self.path, None
+        try:
+            zf = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            return self.path, f"not a readable zip file ({exc})"
+        with zf:
+            total = sum(i.file_size for i in zf.infolist())
+            if total > self.limits.max_file_bytes:
+                return self.path, (
+                    f"the zip expands to {total / 2**20:.1f} MiB, over the {self.limits.max_file_bytes / 2**20:.0f} MiB limit"
+                )
+            self.tmp = Path(tempfile.mkdtemp(prefix="studio-import-"))
+            for info in zf.infolist():
+                target = (self.tmp / info.filename).resolve()
+                if not target.is_relative_to(self.tmp.resolve()):
+                    return (
+                        self.path,
+                        f"zip member {info.filename!r} would be written outside the import folder",
+                    )
+            zf.extractall(self.tmp)
+        markers = [
+            p.parent
+            for p in self.tmp.rglob("*")
+            if p.name in ("dataset_info.json", "state.json", "dataset_dict.json")
+        ]
+        if not markers:
+            return self.path, "the zip does not contain a folder saved with datasets.save_to_disk"
+        root = min(markers, key=lambda p: len(p.parts))
+        return root, None
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_problems_json(report: ImportReport, folder: Path) -> Path:
+    """The full problem list as a downloadable JSON file (the UI shows at most 100)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"import-problems-{Path(report.file).stem}.json"
+    path.write_text(json.dumps(report.problems_as_dicts(), ensure_ascii=False, indent=1), encoding="utf-8")
+    return path

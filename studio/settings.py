@@ -1,0 +1,97 @@
+"""Studio settings: one typed object, read from the environment once in `app.py` and passed in.
+
+| variable              | default                                   | meaning                                   |
+|-----------------------|-------------------------------------------|-------------------------------------------|
+| STUDIO_DATA_DIR       | ./data                                    | SQLite file, uploads, exports, checkpoints|
+| STUDIO_DATABASE_URL   | sqlite:///<data dir>/studio.db            | or postgresql+psycopg://user:pw@host/db   |
+| STUDIO_MODEL          | smollm2                                   | default model: short name, folder, HF id  |
+| STUDIO_MODEL_CACHE    | ~/.cache/feedback-studio/models           | where `studio fetch-models` puts models   |
+| STUDIO_HOST           | 127.0.0.1                                 | bind address                              |
+| STUDIO_PORT           | 7860                                      | port                                      |
+| STUDIO_MAX_UPLOAD_MB  | 50                                        | largest import file accepted              |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.db import sqlite_url
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+}
+
+
+def set_offline_env() -> None:
+    """Nothing may reach the model hub or Gradio's analytics at run time."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _default_model_cache(env: Mapping[str, str]) -> Path:
+    if env.get("STUDIO_MODEL_CACHE"):
+        return Path(env["STUDIO_MODEL_CACHE"]).expanduser()
+    base = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "feedback-studio" / "models"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    """Folder for the SQLite database, uploads, exports and checkpoints (kept out of Gradio's file route)."""
+    database_url: str = ""
+    """SQLAlchemy URL; empty means the embedded SQLite file `<data_dir>/studio.db`."""
+    default_model: str = "smollm2"
+    """Model used for generation unless another checkpoint is chosen: a short name, folder or HF id."""
+    model_cache: Path = field(default_factory=lambda: _default_model_cache(os.environ))
+    """Where the default models are fetched to and converted (shared between clones)."""
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_upload_mb: int = 50
+    """Largest file accepted for import, in MiB (checked before parsing)."""
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            object.__setattr__(self, "database_url", sqlite_url(Path(self.data_dir) / "studio.db"))
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"STUDIO_PORT must be 1..65535, got {self.port}")
+        if self.max_upload_mb < 1:
+            raise ValueError(f"STUDIO_MAX_UPLOAD_MB must be >= 1, got {self.max_upload_mb}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
+        env = os.environ if env is None else env
+
+        def _int(name: str, default: int) -> int:
+            raw = env.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+        values = {
+            "data_dir": Path(env.get("STUDIO_DATA_DIR") or "data").expanduser().resolve(),
+            "database_url": env.get("STUDIO_DATABASE_URL", ""),
+            "default_model": env.get("STUDIO_MODEL") or "smollm2",
+            "model_cache": _default_model_cache(env),
+            "host": env.get("STUDIO_HOST") or "127.0.0.1",
+            "port": _int("STUDIO_PORT", 7860),
+            "max_upload_mb": _int("STUDIO_MAX_UPLOAD_MB", 50),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def uploads_dir(self) -> Path:
+        return Path(self.data_dir) / "uploads"
+
+    @property
+    def exports_dir(self) -> Path:
+        return Path(self.data_dir) / "exports"
