@@ -110,12 +110,13 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
-        """A read-only unit of work; nothing is committed."""
+        """A read-only unit of work; nothing is committed.
+
+        Closing (not rolling back) ends the transaction while keeping loaded objects usable
+        after the block: a rollback would expire them.
+        """
         with Session(self.engine, expire_on_commit=False) as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+            yield session
 
     def dispose(self) -> None:
         self.engine.dispose()

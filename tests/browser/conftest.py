@@ -1,0 +1,117 @@
+"""A real studio process on a free port, and Debian's chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Studio:
+    def __init__(self, tmp: Path, model: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = tmp / "data"
+        env = {
+            **os.environ,
+            "STUDIO_DATA_DIR": str(self.data_dir),
+            "STUDIO_PORT": str(self.port),
+            "STUDIO_MODEL": str(model),
+            "GRADIO_TEMP_DIR": str(tmp / "gradio"),
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "OMP_NUM_THREADS": "1",
+        }
+        self.log = open(tmp / "studio.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"studio exited early:\n{Path(self.log.name).read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/gradio_api/info", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.25)
+        raise TimeoutError(f"studio not ready after {timeout} s:\n{Path(self.log.name).read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def studio(tmp_path, tiny_model):
+    server = Studio(tmp_path, tiny_model)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        message = f"{CHROMIUM} is missing (apt-get install chromium)"
+        if os.environ.get("STUDIO_STRICT_TESTS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    outside: list[str] = []
+
+    def _record(request):
+        host = urlparse(request.url).hostname
+        if request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
+            return
+        outside.append(request.url)
+
+    page.on("request", _record)
+    page.outside_requests = outside
+    yield page
+    context.close()
+    assert not outside, f"the page reached outside loopback: {outside}"
