@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import gradio as gr
 import pandas as pd
 
 from studio.tabs.common import Shared, require_project, user_errors
 
 PROMPT_COLUMNS = ["id", "external id", "kind", "tags", "responses", "prompt"]
-RESPONSE_COLUMNS = ["#", "model", "sample", "tokens", "finish", "settings", "response"]
+RESPONSE_COLUMNS = ["#", "model", "sample", "response", "tokens", "finish", "settings"]
 PAGE_SIZE = 20
 PREVIEW_CHARS = 300
 
@@ -31,6 +29,7 @@ def build(shared: Shared) -> dict:
         wrap=True,
         datatype="str",
         label="Prompts",
+        column_widths=["5%", "12%", "6%", "14%", "8%", "55%"],
         elem_id="prompt-table",
     )
     row_ids = gr.State([])
@@ -43,6 +42,7 @@ def build(shared: Shared) -> dict:
         datatype="str",
         label="Responses",
         elem_id="response-table",
+        column_widths=["5%", "16%", "6%", "49%", "6%", "6%", "12%"],
     )
 
     @user_errors
@@ -83,7 +83,7 @@ def build(shared: Shared) -> dict:
         )
         frame = pd.DataFrame(
             [
-                [g.id, g.model, g.sample_index, g.num_tokens, g.finish_reason, json.dumps(g.params), g.text]
+                [g.id, g.model, g.sample_index, g.text, g.num_tokens, g.finish_reason, _settings(g.params, g.seed)]
                 for g in detail.generations
             ],
             columns=RESPONSE_COLUMNS,
@@ -99,6 +99,14 @@ def build(shared: Shared) -> dict:
     next_btn.click(lambda p, q, t, n: show(p, q, t, (n or 1) + 1), inputs, outputs)
     table.select(select, [shared.project_id, row_ids], [prompt_box, responses])
     return {"refresh": (show, inputs, outputs)}
+
+
+def _settings(params: dict, seed: int | None) -> str:
+    if not params.get("do_sample", True):
+        text = "greedy"
+    else:
+        text = f"T={params.get('temperature')} top-p={params.get('top_p')}"
+    return f"{text} max={params.get('max_new_tokens')} seed={seed}"
 
 
 def _preview(text: str) -> str:

@@ -78,4 +78,4 @@ def test_demo_project_generate_and_browse_responses(studio, page):
     expect(page.locator("#prompt-detail textarea")).to_have_value(
         "Write a two-sentence positive review of a small Italian restaurant with great pasta."
     )
-    expect(page.locator("#response-table")).to_contain_text("max_new_tokens")
+    expect(page.locator("#response-table")).to_contain_text("max=8 seed=")
