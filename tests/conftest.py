@@ -104,3 +104,13 @@ def tiny_model(tmp_path_factory) -> Path:
 
     torch.set_num_threads(1)
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tmp_path_factory):
+    """Build another tiny model with different random weights: `make_tiny_model(seed)` -> folder."""
+
+    def make(seed: int) -> Path:
+        return build_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-llama-{seed}", seed=seed)
+
+    return make

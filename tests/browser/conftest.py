@@ -50,7 +50,9 @@ class Studio:
             "OMP_NUM_THREADS": "1",
         }
         self.log = open(tmp / "studio.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")], env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60) -> None:

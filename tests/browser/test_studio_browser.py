@@ -71,7 +71,9 @@ def test_demo_project_generate_and_browse_responses(studio, page):
     page.locator("#gen-max-new input[type=number]").fill("8")
     page.locator("#gen-max-new input[type=number]").press("Enter")
     page.locator("#generate-button").click()
-    expect(page.locator("#generate-result")).to_contain_text("Generated 4 response(s) for 2 prompt(s)", timeout=60_000)
+    expect(page.locator("#generate-result")).to_contain_text(
+        "Generated 4 response(s) for 2 prompt(s)", timeout=60_000
+    )
 
     _open_tab(page, "Browse")
     page.locator("#prompt-table").get_by_text("review-01").click()

@@ -139,10 +139,8 @@ def test_generate_two_samples_stores_generations_and_pairs(services: Services, d
     assert len(detail.generations) == 2 and detail.generations[0].model == model.name
 
 
-def test_generate_two_checkpoints_pairs_one_sample_each(services: Services, tmp_path, tiny_model):
-    from conftest import build_tiny_model
-
-    other = build_tiny_model(tmp_path / "other-model", seed=1)
+def test_generate_two_checkpoints_pairs_one_sample_each(services: Services, tmp_path, make_tiny_model):
+    other = make_tiny_model(1)
     pid = services.projects.create("p").id
     services.prompts.import_file(pid, _jsonl(tmp_path / "p.jsonl", [{"id": "1", "prompt": "Hello there"}]))
     a = services.generation.models(pid)[0]
