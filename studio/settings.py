@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage.db import sqlite_url
+from trainers.models import default_cache_dir
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -33,13 +34,6 @@ def set_offline_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def _default_model_cache(env: Mapping[str, str]) -> Path:
-    if env.get("STUDIO_MODEL_CACHE"):
-        return Path(env["STUDIO_MODEL_CACHE"]).expanduser()
-    base = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "feedback-studio" / "models"
-
-
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("data")
@@ -48,7 +42,7 @@ class Settings:
     """SQLAlchemy URL; empty means the embedded SQLite file `<data_dir>/studio.db`."""
     default_model: str = "smollm2"
     """Model used for generation unless another checkpoint is chosen: a short name, folder or HF id."""
-    model_cache: Path = field(default_factory=lambda: _default_model_cache(os.environ))
+    model_cache: Path = field(default_factory=lambda: default_cache_dir())
     """Where the default models are fetched to and converted (shared between clones)."""
     host: str = "127.0.0.1"
     port: int = 7860
@@ -80,7 +74,7 @@ class Settings:
             "data_dir": Path(env.get("STUDIO_DATA_DIR") or "data").expanduser().resolve(),
             "database_url": env.get("STUDIO_DATABASE_URL", ""),
             "default_model": env.get("STUDIO_MODEL") or "smollm2",
-            "model_cache": _default_model_cache(env),
+            "model_cache": default_cache_dir(env),
             "host": env.get("STUDIO_HOST") or "127.0.0.1",
             "port": _int("STUDIO_PORT", 7860),
             "max_upload_mb": _int("STUDIO_MAX_UPLOAD_MB", 50),

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +85,12 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
     """``$STUDIO_MODEL_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/feedback-studio/models``."""
-    if os.environ.get("STUDIO_MODEL_CACHE"):
-        return Path(os.environ["STUDIO_MODEL_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    env = os.environ if env is None else env
+    if env.get("STUDIO_MODEL_CACHE"):
+        return Path(env["STUDIO_MODEL_CACHE"]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "feedback-studio" / "models"
 
 

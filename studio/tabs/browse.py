@@ -83,7 +83,15 @@ def build(shared: Shared) -> dict:
         )
         frame = pd.DataFrame(
             [
-                [g.id, g.model, g.sample_index, g.text, g.num_tokens, g.finish_reason, _settings(g.params, g.seed)]
+                [
+                    g.id,
+                    g.model,
+                    g.sample_index,
+                    g.text,
+                    g.num_tokens,
+                    g.finish_reason,
+                    _settings(g.params, g.seed),
+                ]
                 for g in detail.generations
             ],
             columns=RESPONSE_COLUMNS,
