@@ -33,9 +33,19 @@ def _free_port() -> int:
 def one_run(timeout: float = 120) -> float:
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "STUDIO_DATA_DIR": tmp, "STUDIO_PORT": str(port), "GRADIO_TEMP_DIR": f"{tmp}/gradio"}
+        env = {
+            **os.environ,
+            "STUDIO_DATA_DIR": tmp,
+            "STUDIO_PORT": str(port),
+            "GRADIO_TEMP_DIR": f"{tmp}/gradio",
+        }
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py")],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             while time.perf_counter() - start < timeout:
                 if proc.poll() is not None:
@@ -65,7 +75,11 @@ def main() -> None:
     result = {
         "benchmark": "startup_time",
         "what": "process start of `python app.py` (fresh SQLite data folder, migrations from empty) to first HTTP 200 on /",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "runs_s": times,
         "median_s": statistics.median(times),
         "target_s": 10.0,

@@ -1,4 +1,5 @@
-"""Shared fixtures: an offline environment, a migrated SQLite database per test, tiny models.
+"""Shared fixtures: an offline environment, a migrated database per test (SQLite, and PostgreSQL
+through `any_db`), tiny models.
 
 Tests never touch the hub or the real default model (except the `slow` ones, which use the
 model cache filled by `studio fetch-models`).
@@ -15,7 +16,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import glob
+import itertools
 import shutil
+import socket
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +121,75 @@ def make_tiny_model(tmp_path_factory):
         return build_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-llama-{seed}", seed=seed)
 
     return make
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+# A real server for the session: a temp cluster on a free loopback port, stopped at the end.
+# Missing server binaries skip these tests, except under STUDIO_STRICT_TESTS=1 (CI), where they fail.
+
+
+def _pg_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+def _as_postgres_user() -> list[str]:
+    # The server refuses to run as root; CI runs as root, so switch to the distribution's user.
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        message = "PostgreSQL server binaries (initdb, pg_ctl) are missing: apt-get install postgresql"
+        if os.environ.get("STUDIO_STRICT_TESTS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="studio-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = _as_postgres_user()
+    subprocess.run(
+        [*run, initdb, "-D", str(data), "-U", "studio", "-A", "trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(
+        [*run, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    yield f"postgresql+psycopg://studio@127.0.0.1:{port}"
+    subprocess.run([*run, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def pg_db(pg_server) -> Database:
+    """A fresh, migrated PostgreSQL database for one test."""
+    admin = Database.from_url(f"{pg_server}/postgres")
+    name = f"t{os.getpid()}_{next(_counter)}_{int(time.time())}"
+    with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.dispose()
+    db = Database.from_url(f"{pg_server}/{name}")
+    upgrade(db.engine)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_db(request) -> Database:
+    return request.getfixturevalue("db" if request.param == "sqlite" else "pg_db")

@@ -21,6 +21,13 @@ def services(db: Database, tmp_path, tiny_model) -> Services:
     return Services.build(settings, db)
 
 
+@pytest.fixture
+def both(any_db: Database, tmp_path, tiny_model) -> Services:
+    """The same services on SQLite and on PostgreSQL."""
+    settings = Settings(data_dir=tmp_path / "data", database_url="sqlite://", default_model=str(tiny_model))
+    return Services.build(settings, any_db)
+
+
 def _jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -56,7 +63,8 @@ def test_demo_project_offered_only_on_empty_database(services: Services):
         services.projects.create_demo()
 
 
-def test_strict_import_with_one_bad_row_writes_nothing(services: Services, db: Database, tmp_path):
+def test_strict_import_with_one_bad_row_writes_nothing(both: Services, tmp_path):
+    services, db = both, both.db
     pid = services.projects.create("p").id
     path = _jsonl(
         tmp_path / "p.jsonl",
@@ -72,7 +80,8 @@ def test_strict_import_with_one_bad_row_writes_nothing(services: Services, db: D
     assert _count(db, m.Prompt) == 2
 
 
-def test_reimport_policies(services: Services, db: Database, tmp_path):
+def test_reimport_policies(both: Services, tmp_path):
+    services, db = both, both.db
     pid = services.projects.create("p").id
     first = _jsonl(tmp_path / "a.jsonl", [{"id": "1", "prompt": "one"}, {"id": "2", "prompt": "two"}])
     assert services.prompts.import_file(pid, first).inserted == 2
@@ -91,7 +100,8 @@ def test_reimport_policies(services: Services, db: Database, tmp_path):
     assert services.prompts.browse(pid, query="TWO").rows[0].text == "TWO"
 
 
-def test_browse_search_tags_and_pages(services: Services, tmp_path):
+def test_browse_search_tags_and_pages(both: Services, tmp_path):
+    services = both
     pid = services.projects.create("p").id
     rows = [
         {
@@ -114,7 +124,8 @@ def test_browse_search_tags_and_pages(services: Services, tmp_path):
         services.prompts.detail(other, page.rows[0].id)
 
 
-def test_generate_two_samples_stores_generations_and_pairs(services: Services, db: Database, tmp_path):
+def test_generate_two_samples_stores_generations_and_pairs(both: Services, tmp_path):
+    services, db = both, both.db
     pid = services.projects.create("p").id
     rows = [
         {"id": "t", "prompt": "Write one sentence about the sea."},
