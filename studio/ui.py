@@ -59,14 +59,19 @@ def _wire(demo: gr.Blocks, shared: Shared, proj: dict, imp: dict, gen: dict, brw
     load_outputs = [shared.project_select, shared.project_id, proj["table"], proj["demo_offer"]]
     show, show_in, show_out = brw["refresh"]
     gen_refresh, _gen_in, gen_out = gen["refresh"]
+    guide_refresh, _guide_in, guide_out = proj["refresh"]
 
     def refresh_tabs(project_id, *browse_inputs):
-        return (*show(project_id, *browse_inputs[:2], 1), *gen_refresh(project_id))
+        return (
+            *show(project_id, *browse_inputs[:2], 1),
+            *gen_refresh(project_id),
+            *guide_refresh(project_id),
+        )
 
     demo.load(on_load, [shared.project_id], load_outputs)
     # Choosing a project (by hand or after creating one) updates the session state and every tab.
     shared.project_select.change(lambda v: v, shared.project_select, shared.project_id).then(
-        refresh_tabs, show_in, show_out + gen_out
+        refresh_tabs, show_in, show_out + gen_out + guide_out
     )
     after_data = [imp["imported"], gen["generated"]]
     for event in after_data:

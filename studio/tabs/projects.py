@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio.tabs.common import Shared, project_choices, user_errors
+from studio.tabs.common import Shared, project_choices, require_project, user_errors
 
 COLUMNS = ["id", "name", "prompts", "responses", "pairs", "guidelines", "description"]
 
@@ -49,6 +49,10 @@ def build(shared: Shared) -> dict:
         )
         create_btn = gr.Button("Create project", variant="primary", elem_id="create-project")
     status = gr.Markdown(elem_id="projects-status")
+    with gr.Accordion("Guidelines of the current project", open=False, elem_id="guidelines-editor"):
+        current = gr.Textbox(label="Guidelines (Markdown)", lines=8, elem_id="current-guidelines")
+        version = gr.Markdown(elem_id="guidelines-version")
+        save_btn = gr.Button("Save as a new version", elem_id="save-guidelines")
     table = gr.Dataframe(
         headers=COLUMNS,
         interactive=False,
@@ -68,10 +72,32 @@ def build(shared: Shared) -> dict:
         info, report = services.projects.create_demo()
         return _after_change(shared, info.id, f"Created **{info.name}**. {report.summary()}")
 
+    def load_guidelines(project_id):
+        if project_id is None:
+            return "", "No project chosen."
+        info = services.projects.get(int(project_id))
+        if info.guideline_version is None:
+            return "", "No guidelines yet: write them and save version 1."
+        return (
+            info.guidelines,
+            f"Version {info.guideline_version}; every annotation records the version it saw.",
+        )
+
+    @user_errors
+    def save_guidelines(project_id, text):
+        n = services.projects.set_guidelines(require_project(project_id), text or "")
+        return f"Saved guidelines version {n}; every annotation records the version it saw."
+
     outputs = [shared.project_select, shared.project_id, table, status, demo_offer]
     create_btn.click(create, [name, description, guidelines, labels], outputs)
     demo_btn.click(create_demo, None, outputs)
-    return {"table": table, "demo_offer": demo_offer, "status": status, "changed": [create_btn, demo_btn]}
+    save_btn.click(save_guidelines, [shared.project_id, current], version)
+    return {
+        "table": table,
+        "demo_offer": demo_offer,
+        "status": status,
+        "refresh": (load_guidelines, [shared.project_id], [current, version]),
+    }
 
 
 def _after_change(shared: Shared, project_id: int, message: str) -> tuple:

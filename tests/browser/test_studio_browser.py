@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from playwright.sync_api import expect
@@ -65,6 +66,11 @@ def test_demo_project_generate_and_browse_responses(studio, page):
     demo_button.click()
     expect(page.locator("#projects-status")).to_contain_text("Imported 40 new prompt(s)")
     expect(page.locator("#demo-offer")).to_be_hidden()
+    page.get_by_text("Guidelines of the current project").click()
+    expect(page.locator("#current-guidelines textarea")).to_have_value(re.compile("Prefer the response"))
+    page.locator("#current-guidelines textarea").fill("Prefer short, correct answers.")
+    page.locator("#save-guidelines").click()
+    expect(page.locator("#guidelines-version")).to_contain_text("Saved guidelines version 2")
 
     _open_tab(page, "Generate")
     page.locator("#gen-limit input").fill("2")
