@@ -6,6 +6,7 @@ transaction, so one user action is one atomic write (`Database.write()`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,26 @@ def insert_prompts(session: Session, *, project_id: int, rows: Sequence[dict[str
     return len(payload)
 
 
+def prompts_with_generations(session: Session, *, project_id: int, external_ids: Iterable[str]) -> set[str]:
+    """The external ids among `external_ids` whose prompt already has responses."""
+    ids = list(external_ids)
+    found: set[str] = set()
+    for i in range(0, len(ids), 500):
+        rows = session.exec(
+            select(Prompt.external_id)
+            .where(Prompt.project_id == project_id, Prompt.external_id.in_(ids[i : i + 500]))
+            .where(sa.exists().where(Generation.prompt_id == Prompt.id))
+        ).all()
+        found.update(rows)
+    return found
+
+
+def prompt_ids_casefolded(session: Session, *, project_id: int) -> dict[str, str]:
+    """casefolded external id -> external id, to catch ids differing only in case from existing ones."""
+    rows = session.exec(select(Prompt.external_id).where(Prompt.project_id == project_id)).all()
+    return {r.casefold(): r for r in rows}
+
+
 def update_prompts(session: Session, *, project_id: int, rows: Sequence[dict[str, Any]]) -> int:
     """Replace text, messages, tags and source of existing prompts, matched by external id."""
     for row in rows:
@@ -181,8 +202,9 @@ def _prompt_filter(stmt, *, project_id: int, query: str = "", tag: str | None = 
             sa.or_(Prompt.text.ilike(pattern, escape="\\"), Prompt.external_id.ilike(pattern, escape="\\"))
         )
     if tag:
-        # Tags are a JSON list; match the quoted element so "a" does not match "ab".
-        stmt = stmt.where(sa.cast(Prompt.tags, sa.String).like(_like_pattern(f'"{tag}"'), escape="\\"))
+        # Tags are stored as a JSON list (json.dumps, ASCII-escaped); match the element exactly as it
+        # was serialised, quotes included, so "a" does not match "ab" and "café" matches "caf\u00e9".
+        stmt = stmt.where(sa.cast(Prompt.tags, sa.String).like(_like_pattern(json.dumps(tag)), escape="\\"))
     return stmt
 
 
@@ -263,6 +285,18 @@ def get_or_create_checkpoint(
         session.add(row)
         session.flush()
     return row
+
+
+def find_checkpoint(session: Session, *, path: str, kind: CheckpointKind) -> Checkpoint | None:
+    return session.exec(select(Checkpoint).where(Checkpoint.path == path, Checkpoint.kind == kind)).first()
+
+
+def delete_empty_project(session: Session, *, project_id: int) -> None:
+    """Remove a project that has no prompts yet (undo of a failed create), with its guidelines."""
+    if count_prompts(session, project_id=project_id):
+        raise ValueError(f"project {project_id} has prompts; refusing to delete it")
+    session.execute(sa.delete(GuidelineVersion).where(GuidelineVersion.project_id == project_id))
+    session.execute(sa.delete(Project).where(Project.id == project_id))
 
 
 def list_checkpoints(

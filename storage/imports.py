@@ -24,6 +24,7 @@ from storage.imports_core import (
     PROBLEM_CODES,
     PROMPT_KEYS,
     UTF8_BOM,
+    WARNING_CODES,
     ImportLimits,
     ImportProblem,
     JsonReject,
@@ -40,6 +41,7 @@ from storage.imports_csv import parse_csv
 
 __all__ = [
     "PROBLEM_CODES",
+    "WARNING_CODES",
     "ImportLimits",
     "ImportProblem",
     "ParseResult",

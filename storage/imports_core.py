@@ -51,7 +51,7 @@ PROBLEM_CODES: dict[str, str] = {
     "ambiguous_split": "a datasets folder with several splits and none named 'train'",
     "missing_field": "no prompt column/key",
     "conflicting_fields": "two keys for the same thing (e.g. both 'prompt' and 'text')",
-    "unknown_field": "a column/key the importer does not know (ignored in lenient mode)",
+    "unknown_field": "a column/key the importer does not know (a warning: it is ignored, rows still import)",
     "wrong_type": "a value of the wrong type",
     "bad_id": "an id that is not a clean string or integer",
     "bad_messages": "a chat prompt that is not a valid list of messages",
@@ -62,6 +62,9 @@ PROBLEM_CODES: dict[str, str] = {
     "duplicate_id": "the same id earlier in the file (the first one wins)",
     "ambiguous_id": "an id that differs only by letter case from an earlier one",
 }
+
+WARNING_CODES = frozenset({"unknown_field"})
+"""Codes reported but not rejecting a strict import: the data is fine, something extra was ignored."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,11 @@ class ParseResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def blocking(self) -> list[ImportProblem]:
+        """Problems that reject a strict import (all but warnings such as an ignored column)."""
+        return [p for p in self.problems if p.code not in WARNING_CODES]
 
 
 def render_chat(messages: list[dict[str, str]]) -> str:

@@ -213,6 +213,8 @@ class Checkpoint(SQLModel, table=True):
     """A model the studio can load: a base model reference or a trained checkpoint folder."""
 
     __tablename__ = "checkpoints"
+    # One row per model reference: a base model by its name, a trained checkpoint by its folder.
+    __table_args__ = (sa.UniqueConstraint("path", "kind"),)
     id: int | None = Field(default=None, primary_key=True)
     project_id: int | None = Field(default=None, foreign_key="projects.id", index=True)
     name: str = Field(max_length=200)

@@ -104,16 +104,14 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from studio.generation import SamplingParams
+    from studio.generation import SamplingParams, random_seed
 
     services = _services(args)
     project_id = _project_id(services, args.project, False)
     if args.checkpoint is not None:
         checkpoint_id = args.checkpoint
     elif args.model_ref:
-        checkpoint_id = services.generation.register_model(
-            args.model_ref, project_id=project_id
-        ).checkpoint_id
+        checkpoint_id = services.generation.register_model(args.model_ref).checkpoint_id
     else:
         checkpoint_id = services.generation.ensure_default_model().checkpoint_id
     params = SamplingParams(
@@ -121,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         samples_per_prompt=args.samples,
-        seed=args.seed,
+        seed=random_seed() if args.seed is None else args.seed,
         batch_size=args.batch_size,
     )
 
@@ -198,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--samples", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="sampling seed (default: a new random seed, printed and stored)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_generate)
     return parser

@@ -10,6 +10,7 @@ No gradio and no database here; the services layer stores what this returns.
 from __future__ import annotations
 
 import functools
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -78,6 +79,11 @@ class SamplingParams:
         if self.min_new_tokens:
             settings["min_new_tokens"] = self.min_new_tokens
         return settings
+
+
+def random_seed() -> int:
+    """A fresh seed for a run that did not ask for one; it is stored with every sample."""
+    return secrets.randbelow(2**31)
 
 
 @dataclass(frozen=True)

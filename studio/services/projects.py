@@ -101,10 +101,15 @@ class ProjectService:
 
     def set_guidelines(self, project_id: int, text: str) -> int:
         """Store a new guideline version; returns its number."""
-        with self.db.write() as s:
-            if crud.get_project(s, project_id) is None:
-                raise ServiceError(f"project {project_id} does not exist")
-            return crud.add_guideline_version(s, project_id=project_id, text=text).version
+        for _attempt in range(3):
+            try:
+                with self.db.write() as s:
+                    if crud.get_project(s, project_id) is None:
+                        raise ServiceError(f"project {project_id} does not exist")
+                    return crud.add_guideline_version(s, project_id=project_id, text=text).version
+            except IntegrityError:
+                continue  # another editor took this version number (PostgreSQL); number again
+        raise ServiceError("the guidelines are being edited by someone else right now; save again")
 
     def create_demo(self) -> tuple[ProjectInfo, ImportReport]:
         """Create the demo project and import its prompts (the prompts ship with the package)."""
@@ -119,9 +124,15 @@ class ProjectService:
             span_labels=DEMO_SPAN_LABELS,
             is_demo=True,
         )
-        report = self.prompts.import_file(info.id, DEMO_FILE, display_name="demo/prompts.jsonl")
-        if not report.committed:
-            raise ServiceError(f"the demo prompts did not import: {report.summary()}")
+        try:
+            report = self.prompts.import_file(info.id, DEMO_FILE, display_name="demo/prompts.jsonl")
+            if not report.committed:
+                raise ServiceError(f"the demo prompts did not import: {report.summary()}")
+        except Exception:
+            # Undo the empty project, so the demo is offered again rather than half there.
+            with self.db.write() as s:
+                crud.delete_empty_project(s, project_id=info.id)
+            raise
         return self.get(info.id), report
 
 

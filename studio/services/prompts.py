@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 import tempfile
+import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from storage.imports import ImportLimits, ImportProblem, parse_prompt_file
+from sqlalchemy.exc import IntegrityError
 
 from storage import crud
 from storage.db import Database
+from storage.imports import WARNING_CODES, ImportLimits, ImportProblem, parse_prompt_file
 from storage.models import Prompt
 from studio.services.errors import ServiceError
 from studio.settings import Settings
@@ -51,8 +56,11 @@ class ImportReport:
             parts.append(
                 f"skipped {len(self.skipped_existing)} already in the project (policy: {self.on_duplicate})"
             )
-        if self.problems:
-            parts.append(f"left out {len(self.problems)} problem row(s)/field(s)")
+        warnings = sum(p.code in WARNING_CODES for p in self.problems)
+        if len(self.problems) > warnings:
+            parts.append(f"left out rows with {len(self.problems) - warnings} problem(s)")
+        if warnings:
+            parts.append(f"{warnings} warning(s), e.g. ignored columns")
         return "; ".join(parts) + "."
 
     def problems_as_dicts(self) -> list[dict[str, Any]]:
@@ -137,7 +145,7 @@ class PromptService:
         with self.db.read() as s:
             if crud.get_project(s, project_id) is None:
                 raise ServiceError(f"project {project_id} does not exist")
-        with _unpacked(path, self.limits) as (source, unpack_problem):
+        with unpacked(path, self.limits) as (source, unpack_problem):
             if unpack_problem is not None:
                 report = ImportReport(file=name, format="zip", lenient=lenient, on_duplicate=on_duplicate)
                 report.problems.append(ImportProblem(name, None, None, "bad_zip", unpack_problem))
@@ -151,7 +159,7 @@ class PromptService:
             rows_seen=parsed.rows_seen,
             problems=list(parsed.problems),
         )
-        if (parsed.problems and not lenient) or not parsed.records:
+        if (parsed.blocking and not lenient) or not parsed.records:
             return report
 
         try:
@@ -159,15 +167,29 @@ class PromptService:
         except _Rejected:
             report.inserted = report.updated = 0
             report.skipped_existing.clear()
+        except IntegrityError:
+            # Only a concurrent import of the same ids gets here (the ids were checked in this transaction).
+            raise ServiceError(
+                "another import added some of these ids at the same time; nothing was written, import again"
+            ) from None
         return report
 
     def _write_records(self, project_id: int, records, report: ImportReport) -> None:
         name, on_duplicate = report.file, report.on_duplicate
         with self.db.write() as s:
-            existing = crud.existing_prompt_ids(
-                s, project_id=project_id, external_ids=[r.external_id for r in records]
+            ids = [r.external_id for r in records]
+            existing = crud.existing_prompt_ids(s, project_id=project_id, external_ids=ids)
+            answered = (
+                crud.prompts_with_generations(s, project_id=project_id, external_ids=ids)
+                if on_duplicate == "update"
+                else set()
             )
+            folded = crud.prompt_ids_casefolded(s, project_id=project_id)
             new_rows, update_rows = [], []
+
+            def refuse(rec, code: str, message: str) -> None:
+                report.problems.append(ImportProblem(name, rec.line, "id", code, message))
+
             for rec in records:
                 row = {
                     "external_id": rec.external_id,
@@ -178,22 +200,29 @@ class PromptService:
                     "source": name,
                 }
                 if rec.external_id not in existing:
-                    new_rows.append(row)
-                elif on_duplicate == "update":
-                    update_rows.append(row)
+                    twin = folded.get(rec.external_id.casefold())
+                    if twin is not None:
+                        refuse(
+                            rec,
+                            "ambiguous_id",
+                            f"id {rec.external_id!r} differs only in case from {twin!r}, already in the project",
+                        )
+                    else:
+                        new_rows.append(row)
                 elif on_duplicate == "skip":
                     report.skipped_existing.append(rec.external_id)
-                else:
-                    report.problems.append(
-                        ImportProblem(
-                            name,
-                            rec.line,
-                            "id",
-                            "exists",
-                            f"a prompt with id {rec.external_id!r} is already in the project",
-                        )
+                elif on_duplicate == "error":
+                    refuse(rec, "exists", f"a prompt with id {rec.external_id!r} is already in the project")
+                elif rec.external_id in answered:
+                    # Its responses (and any votes on them) were made for the old text.
+                    refuse(
+                        rec,
+                        "has_responses",
+                        f"prompt {rec.external_id!r} already has responses, so its text cannot change; import it under a new id",
                     )
-            if any(p.code == "exists" for p in report.problems) and not report.lenient:
+                else:
+                    update_rows.append(row)
+            if any(p.code in _DB_CODES for p in report.problems) and not report.lenient:
                 raise _Rejected  # leaving the transaction by exception rolls it back
             report.inserted = crud.insert_prompts(s, project_id=project_id, rows=new_rows)
             report.updated = crud.update_prompts(s, project_id=project_id, rows=update_rows)
@@ -273,60 +302,71 @@ class PromptService:
         )
 
 
+_DB_CODES = frozenset({"exists", "ambiguous_id", "has_responses"})
+"""Problems found against the rows already in the project (the parser cannot see those)."""
+
+
 class _Rejected(Exception):
     """Raised inside the write transaction to roll it back (strict import with existing ids)."""
 
 
-class _unpacked:
-    """Context manager: a .zip (of a `datasets.save_to_disk` folder) is extracted to a temp dir.
+@contextlib.contextmanager
+def unpacked(path: Path, limits: ImportLimits) -> Iterator[tuple[Path, str | None]]:
+    """A .zip (of a `datasets.save_to_disk` folder) is extracted to a temp dir, removed afterwards.
 
     Yields (path to parse, problem message or None). Members that would land outside the temp
     dir, or an uncompressed size over the upload limit, are refused before extracting.
     """
+    if path.suffix.lower() != ".zip":
+        yield path, None
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="studio-import-"))
+    try:
+        yield _extract_dataset_zip(path, tmp, limits)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-    def __init__(self, path: Path, limits: ImportLimits):
-        self.path, self.limits, self.tmp = path, limits, None
 
-    def __enter__(self) -> tuple[Path, str | None]:
-        if self.path.suffix.lower() != ".zip":
-            return self.path, None
-        try:
-            zf = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            return self.path, f"not a readable zip file ({exc})"
-        with zf:
+def _extract_dataset_zip(path: Path, tmp: Path, limits: ImportLimits) -> tuple[Path, str | None]:
+    try:
+        with zipfile.ZipFile(path) as zf:
             total = sum(i.file_size for i in zf.infolist())
-            if total > self.limits.max_file_bytes:
-                return self.path, (
-                    f"the zip expands to {total / 2**20:.1f} MiB, over the {self.limits.max_file_bytes / 2**20:.0f} MiB limit"
-                )
-            self.tmp = Path(tempfile.mkdtemp(prefix="studio-import-"))
+            if total > limits.max_file_bytes:
+                limit_mib = limits.max_file_bytes / 2**20
+                return path, f"the zip expands to {total / 2**20:.1f} MiB, over the {limit_mib:.0f} MiB limit"
             for info in zf.infolist():
-                target = (self.tmp / info.filename).resolve()
-                if not target.is_relative_to(self.tmp.resolve()):
-                    return (
-                        self.path,
-                        f"zip member {info.filename!r} would be written outside the import folder",
-                    )
-            zf.extractall(self.tmp)
-        markers = [
-            p.parent
-            for p in self.tmp.rglob("*")
-            if p.name in ("dataset_info.json", "state.json", "dataset_dict.json")
-        ]
-        if not markers:
-            return self.path, "the zip does not contain a folder saved with datasets.save_to_disk"
-        root = min(markers, key=lambda p: len(p.parts))
-        return root, None
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+                if not (tmp / info.filename).resolve().is_relative_to(tmp.resolve()):
+                    return path, f"zip member {info.filename!r} would be written outside the import folder"
+            zf.extractall(tmp)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        return path, f"not a readable zip file ({exc})"
+    markers = [
+        p.parent for p in tmp.rglob("*") if p.name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    ]
+    if not markers:
+        return path, "the zip does not contain a folder saved with datasets.save_to_disk"
+    return min(markers, key=lambda p: len(p.parts)), None
 
 
-def write_problems_json(report: ImportReport, folder: Path) -> Path:
-    """The full problem list as a downloadable JSON file (the UI shows at most 100)."""
+REPORTS_DIR = Path(tempfile.gettempdir()) / "feedback-studio-reports"
+REPORT_MAX_AGE_S = 3600
+
+
+def write_problems_json(report: ImportReport, folder: Path = REPORTS_DIR) -> Path:
+    """The full problem list as a downloadable JSON file (the UI shows at most 100).
+
+    Each report gets its own file; reports older than an hour are removed on the way.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"import-problems-{Path(report.file).stem}.json"
+    now = time.time()
+    for old in folder.glob("*.json"):
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > REPORT_MAX_AGE_S:
+                old.unlink()
+    fd, name = tempfile.mkstemp(
+        prefix=f"import-problems-{Path(report.file).stem[:40]}-", suffix=".json", dir=folder
+    )
+    os.close(fd)
+    path = Path(name)
     path.write_text(json.dumps(report.problems_as_dicts(), ensure_ascii=False, indent=1), encoding="utf-8")
     return path

@@ -55,6 +55,8 @@ def build(shared: Shared) -> dict:
                 1,
                 gr.update(),
             )
+        tags = ["", *services.prompts.tags(int(project_id))]
+        tag_v = tag_v if tag_v in tags else ""  # a tag of the previously chosen project
         result = services.prompts.browse(
             int(project_id), query=query_v or "", tag=tag_v or None, page=page_v or 1, page_size=PAGE_SIZE
         )
@@ -66,8 +68,7 @@ def build(shared: Shared) -> dict:
             columns=PROMPT_COLUMNS,
         )
         text = f"{result.total} prompt(s) · page {result.page} of {result.pages}"
-        tags = ["", *services.prompts.tags(int(project_id))]
-        return frame, [r.id for r in result.rows], text, result.page, gr.update(choices=tags)
+        return frame, [r.id for r in result.rows], text, result.page, gr.update(choices=tags, value=tag_v)
 
     @user_errors
     def select(project_id, ids, evt: gr.SelectData):

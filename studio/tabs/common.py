@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import html
 from dataclasses import dataclass
 
 import gradio as gr
@@ -19,15 +20,31 @@ class Shared:
     project_select: gr.Dropdown
 
 
+def inert(text: object) -> str:
+    """User or model text made safe to place inside Markdown: it shows exactly as typed.
+
+    Every ASCII punctuation character becomes a numeric character reference. CommonMark treats
+    references as literal text, never as markup, so no HTML element, emphasis, link or autolink
+    (`http://...`, `www.`, e-mail) can come out of a name such as `<img onerror=...>` or `![x](http://...)`.
+    """
+    return "".join(f"&#{ord(c)};" if c in _PUNCTUATION else c for c in str(text))
+
+
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
 def user_errors(fn):
-    """Show a ServiceError's message in the page (gr.Error) instead of a generic failure."""
+    """Show a ServiceError's message in the page (gr.Error) instead of a generic failure.
+
+    The message may quote what the user typed (a name, a model reference), so it is made inert.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ServiceError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(html.escape(str(exc))) from None
 
     return wrapper
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs.common import Shared, require_project, user_errors
+from studio.tabs.common import Shared, inert, require_project, user_errors
 
 PAIRINGS = [
     ("Two samples of one model", "two_samples"),
@@ -45,7 +45,7 @@ def build(shared: Shared) -> dict:
             samples = gr.Slider(
                 1, 8, value=2, step=1, label="Samples per prompt (per model)", elem_id="gen-samples"
             )
-            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="gen-seed")
+            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = a new random seed)", elem_id="gen-seed")
             batch = gr.Slider(1, 32, value=8, step=1, label="Batch size", elem_id="gen-batch")
     with gr.Accordion("Add a model (local folder or Hugging Face id)", open=False), gr.Row():
         ref = gr.Textbox(
@@ -72,12 +72,12 @@ def build(shared: Shared) -> dict:
 
     @user_errors
     def add_model(project_id, ref_v, name_v):
-        choice = services.generation.register_model(ref_v, name=name_v or None, project_id=project_id)
+        choice = services.generation.register_model(ref_v, name=name_v or None)
         choices = model_choices(shared, project_id)
         return (
             gr.update(choices=choices, value=choice.checkpoint_id),
             gr.update(choices=choices),
-            f"Added {choice.label}.",
+            f"Added {inert(choice.label)}.",
         )
 
     @user_errors
@@ -97,7 +97,7 @@ def build(shared: Shared) -> dict:
         bs,
         progress=gr.Progress(),  # noqa: B008 - Gradio injects the tracker through this default
     ):
-        from studio.generation import SamplingParams
+        from studio.generation import SamplingParams, random_seed
 
         project_id = require_project(project_id)
         if model_v is None:
@@ -108,7 +108,7 @@ def build(shared: Shared) -> dict:
                 top_p=float(p),
                 max_new_tokens=int(m),
                 samples_per_prompt=int(n),
-                seed=int(seed_v or 0),
+                seed=random_seed() if seed_v is None or seed_v < 0 else int(seed_v),
                 batch_size=int(bs),
             )
         except ValueError as exc:
@@ -124,7 +124,7 @@ def build(shared: Shared) -> dict:
             limit=int(limit_v or 0) or None,
             progress=lambda fraction, desc: progress(fraction, desc=desc),
         )
-        return report.summary()
+        return inert(report.summary())
 
     pairing.change(lambda v: gr.update(visible=v == "two_checkpoints"), pairing, second)
     add_btn.click(add_model, [shared.project_id, ref, ref_name], [model, second, result])

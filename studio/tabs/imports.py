@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from studio.services.prompts import write_problems_json
-from studio.tabs.common import Shared, require_project, user_errors
+from studio.tabs.common import Shared, inert, require_project, user_errors
 
 PROBLEM_COLUMNS = ["line", "field", "code", "message"]
 MAX_SHOWN = 100
@@ -81,14 +80,10 @@ def build(shared: Shared) -> dict:
             [[p.line if p.line is not None else "", p.field or "", p.code, p.message] for p in shown],
             columns=PROBLEM_COLUMNS,
         )
-        message = ("✅ " if report.committed else "❌ ") + report.summary()
+        message = ("✅ " if report.committed else "❌ ") + inert(report.summary())
         if len(report.problems) > MAX_SHOWN:
             message += f" Showing the first {MAX_SHOWN} of {len(report.problems)} problems; download the full list below."
-        json_path = (
-            write_problems_json(report, Path(tempfile.mkdtemp(prefix="studio-report-")))
-            if report.problems
-            else None
-        )
+        json_path = write_problems_json(report) if report.problems else None
         return (
             message,
             gr.update(value=frame, visible=bool(shown)),

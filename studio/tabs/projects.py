@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio.tabs.common import Shared, project_choices, require_project, user_errors
+from studio.tabs.common import Shared, inert, project_choices, require_project, user_errors
 
 COLUMNS = ["id", "name", "prompts", "responses", "pairs", "guidelines", "description"]
 
@@ -65,12 +65,12 @@ def build(shared: Shared) -> dict:
     @user_errors
     def create(name_v, desc_v, guide_v, labels_v):
         info = services.projects.create(name_v, description=desc_v, guidelines=guide_v, span_labels=labels_v)
-        return _after_change(shared, info.id, f"Created project **{info.name}**.")
+        return _after_change(shared, info.id, f"Created project **{inert(info.name)}**.")
 
     @user_errors
     def create_demo():
         info, report = services.projects.create_demo()
-        return _after_change(shared, info.id, f"Created **{info.name}**. {report.summary()}")
+        return _after_change(shared, info.id, f"Created **{inert(info.name)}**. {inert(report.summary())}")
 
     def load_guidelines(project_id):
         if project_id is None:

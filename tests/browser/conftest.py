@@ -105,15 +105,24 @@ def page(browser):
     page = context.new_page()
     page.set_default_timeout(20_000)
     outside: list[str] = []
+    requested: list[str] = []
+    dialogs: list[str] = []
+
+    def _dialog(dialog):  # an alert() from injected text must not go unseen
+        dialogs.append(dialog.message)
+        dialog.dismiss()
 
     def _record(request):
+        requested.append(request.url)
         host = urlparse(request.url).hostname
         if request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
             return
         outside.append(request.url)
 
     page.on("request", _record)
-    page.outside_requests = outside
+    page.on("dialog", _dialog)
+    page.requested = requested
     yield page
     context.close()
     assert not outside, f"the page reached outside loopback: {outside}"
+    assert not dialogs, f"a dialog opened: {dialogs}"

@@ -11,6 +11,7 @@ from playwright.sync_api import expect
 pytestmark = pytest.mark.browser
 
 XSS = '<img src=x onerror="window.__xss=1"> ${7*6} <b>bold</b>'
+NAME = 'Team <img src=x onerror="window.__xss=2;alert(1)"> ![t](http://127.0.0.1:9/track.png) **x**'
 
 
 def _open_tab(page, name: str) -> None:
@@ -30,9 +31,14 @@ def test_import_file_and_see_prompts_listed(studio, page, tmp_path):
 
     page.goto(studio.url)
     page.get_by_text("New project").click()
-    page.locator("#project-name textarea, #project-name input").first.fill("Browser project")
+    page.locator("#project-name textarea, #project-name input").first.fill(NAME)
     page.locator("#create-project").click()
-    expect(page.locator("#projects-status")).to_contain_text("Created project")
+    # The typed name shows as typed: no element made from it, no image fetched, no script run.
+    expect(page.locator("#projects-status")).to_contain_text("Created project Team <img src=x")
+    expect(page.locator("#projects-status")).to_contain_text("![t](http://127.0.0.1:9/track.png) **x**")
+    assert page.locator("#projects-status img").count() == 0
+    page.locator("#create-project").click()  # the same name again: an error quoting it, also inert
+    expect(page.get_by_text("already exists").first).to_be_visible()
 
     _open_tab(page, "Import")
     # A strict import of a file with a bad row is refused with its line and field.
@@ -53,6 +59,7 @@ def test_import_file_and_see_prompts_listed(studio, page, tmp_path):
     expect(table).to_contain_text("<img src=x")
     assert page.evaluate("window.__xss") is None
     assert page.locator("#prompt-table img").count() == 0
+    assert not [u for u in page.requested if "track.png" in u]
 
     page.locator("#browse-search textarea, #browse-search input").first.fill("haiku")
     page.keyboard.press("Enter")

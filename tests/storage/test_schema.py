@@ -295,3 +295,40 @@ def test_constraint_names_follow_the_convention():
     assert "uq_pairwise_votes_comparison_id_user_id" in names
     assert "ck_comparisons_distinct_generations" in names
     assert all(n for n in names), "every constraint is named (batch migrations need names)"
+
+
+def test_pragmas_hold_on_several_simultaneous_connections(db: Database):
+    conns = [db.engine.connect() for _ in range(4)]
+    try:
+        for conn in conns:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_in_memory_sqlite_engine_works():
+    db = Database.from_url("sqlite://")
+    upgrade(db.engine)
+    with db.write() as s:
+        s.add(m.User(username="mem", role="admin"))
+    with db.read() as s:
+        assert s.exec(select(m.User)).one().username == "mem"
+
+
+def test_alembic_command_line_takes_the_url_from_x_argument(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ini = Path(__file__).resolve().parents[2] / "storage" / "alembic.ini"
+    url = sqlite_url(tmp_path / "cli.db")
+    for args in (["upgrade", "head"], ["check"]):
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"url={url}", *args],
+            check=True,
+            capture_output=True,
+        )
+    assert "prompts" in sa.inspect(sa.create_engine(url)).get_table_names()

@@ -155,7 +155,7 @@ def test_generate_two_checkpoints_pairs_one_sample_each(services: Services, tmp_
     pid = services.projects.create("p").id
     services.prompts.import_file(pid, _jsonl(tmp_path / "p.jsonl", [{"id": "1", "prompt": "Hello there"}]))
     a = services.generation.models(pid)[0]
-    b = services.generation.register_model(str(other), name="other", project_id=pid)
+    b = services.generation.register_model(str(other), name="other")
     params = SamplingParams(temperature=0.0, max_new_tokens=5, samples_per_prompt=1)
     report = services.generation.run(
         pid,
@@ -174,3 +174,92 @@ def test_register_model_rejects_unknown_reference(services: Services):
         services.generation.register_model("no/such-model-anywhere")
     with pytest.raises(ServiceError, match="empty"):
         services.generation.register_model("  ")
+
+
+def test_tags_with_non_ascii_and_quotes_filter_exactly(both: Services, tmp_path):
+    services = both
+    pid = services.projects.create("p").id
+    rows = [
+        {"id": "1", "prompt": "a", "tags": ["café", 'say "hi"']},
+        {"id": "2", "prompt": "b", "tags": ["cafe"]},
+        {"id": "3", "prompt": "c", "tags": ["café-2"]},
+    ]
+    services.prompts.import_file(pid, _jsonl(tmp_path / "p.jsonl", rows))
+    assert [r.external_id for r in services.prompts.browse(pid, tag="café").rows] == ["1"]
+    assert [r.external_id for r in services.prompts.browse(pid, tag='say "hi"').rows] == ["1"]
+    assert [r.external_id for r in services.prompts.browse(pid, tag="cafe").rows] == ["2"]
+
+
+def test_update_policy_never_rewrites_prompts_that_have_responses(services: Services, tmp_path):
+    pid = services.projects.create("p").id
+    services.prompts.import_file(
+        pid, _jsonl(tmp_path / "a.jsonl", [{"id": "1", "prompt": "old"}, {"id": "2", "prompt": "two"}])
+    )
+    model = services.generation.models(pid)[0]
+    params = SamplingParams(temperature=0, max_new_tokens=3, samples_per_prompt=1)
+    services.generation.run(
+        pid, checkpoint_id=model.checkpoint_id, params=params, pairing="none", tag=None, limit=1
+    )
+    new = _jsonl(tmp_path / "b.jsonl", [{"id": "1", "prompt": "new"}, {"id": "2", "prompt": "TWO"}])
+    strict = services.prompts.import_file(pid, new, on_duplicate="update")
+    assert not strict.committed and [(p.line, p.code) for p in strict.problems] == [(1, "has_responses")]
+    lenient = services.prompts.import_file(pid, new, on_duplicate="update", lenient=True)
+    assert lenient.committed and lenient.updated == 1
+    assert {r.external_id: r.text for r in services.prompts.browse(pid).rows} == {"1": "old", "2": "TWO"}
+
+
+def test_ids_differing_only_in_case_from_existing_ones_are_refused(services: Services, tmp_path):
+    pid = services.projects.create("p").id
+    services.prompts.import_file(pid, _jsonl(tmp_path / "a.jsonl", [{"id": "Ab", "prompt": "x"}]))
+    report = services.prompts.import_file(pid, _jsonl(tmp_path / "b.jsonl", [{"id": "aB", "prompt": "y"}]))
+    assert not report.committed and [p.code for p in report.problems] == ["ambiguous_id"]
+
+
+def test_zip_of_a_datasets_folder_imports_and_a_corrupt_zip_is_a_clear_problem(services: Services, tmp_path):
+    import shutil
+
+    from datasets import Dataset
+
+    pid = services.projects.create("p").id
+    Dataset.from_list([{"id": "z1", "prompt": "from a zip"}]).save_to_disk(str(tmp_path / "ds"))
+    archive = shutil.make_archive(str(tmp_path / "ds"), "zip", tmp_path, "ds")
+    report = services.prompts.import_file(pid, archive)
+    assert report.committed and report.inserted == 1 and report.format == "hf"
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(Path(archive).read_bytes()[:200])
+    bad = services.prompts.import_file(pid, broken)
+    assert not bad.committed and [p.code for p in bad.problems] == ["bad_zip"]
+    assert "not a readable zip" in bad.problems[0].message
+
+
+def test_models_are_shared_between_projects(services: Services, make_tiny_model):
+    a, b = services.projects.create("a").id, services.projects.create("b").id
+    folder = str(make_tiny_model(2))
+    registered = services.generation.register_model(folder, name="mine")
+    assert registered.checkpoint_id in [m.checkpoint_id for m in services.generation.models(a)]
+    assert registered.checkpoint_id in [m.checkpoint_id for m in services.generation.models(b)]
+    assert services.generation.register_model(folder) == registered  # registered once
+
+
+def test_demo_project_is_removed_when_its_prompts_fail_to_import(services: Services, tmp_path, monkeypatch):
+    from studio.services import projects as projects_module
+
+    broken = _jsonl(tmp_path / "demo.jsonl", [{"id": "1", "prompt": 3}])
+    monkeypatch.setattr(projects_module, "DEMO_FILE", broken)
+    with pytest.raises(ServiceError, match="did not import"):
+        services.projects.create_demo()
+    assert services.projects.is_empty()  # offered again, not half there
+
+
+def test_each_batch_of_a_run_gets_its_own_recorded_seed(services: Services, db: Database, tmp_path):
+    pid = services.projects.create("p").id
+    services.prompts.import_file(
+        pid, _jsonl(tmp_path / "p.jsonl", [{"id": str(i), "prompt": f"p{i}"} for i in range(5)])
+    )
+    model = services.generation.models(pid)[0]
+    params = SamplingParams(temperature=1.0, max_new_tokens=3, samples_per_prompt=2, seed=100, batch_size=4)
+    report = services.generation.run(pid, checkpoint_id=model.checkpoint_id, params=params)
+    assert report.seed == 100 and "seed 100" in report.summary()
+    with db.read() as s:
+        seeds = sorted({g.seed for g in s.exec(select(m.Generation)).all()})
+    assert seeds == [100, 101, 102]  # 5 prompts x 2 samples in batches of 4 -> 3 batches

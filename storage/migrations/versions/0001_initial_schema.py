@@ -19,7 +19,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    
+
     op.create_table(
         "users",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -190,6 +190,7 @@ def upgrade() -> None:
             name=op.f("fk_checkpoints_snapshot_id_dataset_snapshots"),
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_checkpoints")),
+        sa.UniqueConstraint("path", "kind", name=op.f("uq_checkpoints_path_kind")),
     )
     with op.batch_alter_table("checkpoints", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_checkpoints_project_id"), ["project_id"], unique=False)
@@ -507,11 +508,9 @@ def upgrade() -> None:
     with op.batch_alter_table("span_annotations", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_span_annotations_span_set_id"), ["span_set_id"], unique=False)
 
-    
-
 
 def downgrade() -> None:
-    
+
     with op.batch_alter_table("span_annotations", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_span_annotations_span_set_id"))
 
@@ -572,4 +571,3 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_users_username"))
 
     op.drop_table("users")
-    
