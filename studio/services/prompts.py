@@ -185,10 +185,19 @@ class PromptService:
                 else set()
             )
             folded = crud.prompt_ids_casefolded(s, project_id=project_id)
-            new_rows, update_rows = [], []
+            new_rows: list[dict] = []
+            update_rows: list[dict] = []
 
             def refuse(rec, code: str, message: str) -> None:
                 report.problems.append(ImportProblem(name, rec.line, "id", code, message))
+
+            def flush(final: bool = False) -> None:
+                # Insert in chunks: memory stays bounded for a 200,000-row file (one transaction still).
+                if new_rows and (final or len(new_rows) >= _INSERT_CHUNK):
+                    if not report.lenient and any(p.code in _DB_CODES for p in report.problems):
+                        raise _Rejected
+                    report.inserted += crud.insert_prompts(s, project_id=project_id, rows=new_rows)
+                    new_rows.clear()
 
             for rec in records:
                 row = {
@@ -209,6 +218,7 @@ class PromptService:
                         )
                     else:
                         new_rows.append(row)
+                        flush()
                 elif on_duplicate == "skip":
                     report.skipped_existing.append(rec.external_id)
                 elif on_duplicate == "error":
@@ -218,13 +228,14 @@ class PromptService:
                     refuse(
                         rec,
                         "has_responses",
-                        f"prompt {rec.external_id!r} already has responses, so its text cannot change; import it under a new id",
+                        f"prompt {rec.external_id!r} already has responses, so its text cannot change; "
+                        "import it under a new id",
                     )
                 else:
                     update_rows.append(row)
             if any(p.code in _DB_CODES for p in report.problems) and not report.lenient:
                 raise _Rejected  # leaving the transaction by exception rolls it back
-            report.inserted = crud.insert_prompts(s, project_id=project_id, rows=new_rows)
+            flush(final=True)
             report.updated = crud.update_prompts(s, project_id=project_id, rows=update_rows)
         report.committed = True
 
@@ -302,6 +313,7 @@ class PromptService:
         )
 
 
+_INSERT_CHUNK = 5000
 _DB_CODES = frozenset({"exists", "ambiguous_id", "has_responses"})
 """Problems found against the rows already in the project (the parser cannot see those)."""
 

@@ -23,7 +23,8 @@ or a `.zip` of a folder saved with `datasets.save_to_disk`.
 (in CSV: comma-separated in one cell).
 
 **Strict** (default) rejects the whole file if any row is bad and writes nothing. **Lenient** imports the good rows
-and lists the rest. Ids already in the project are **skipped** by default (or updated, or treated as errors).
+and lists the rest. Unknown columns are ignored with a warning. Ids already in the project are **skipped** by default
+(or updated — never for a prompt that already has responses — or treated as errors).
 """
 
 
