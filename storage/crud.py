@@ -70,7 +70,8 @@ class ProjectSummary:
     comparisons: int
 
 
-def list_projects(session: Session) -> list[ProjectSummary]:
+def list_projects(session: Session, *, project_id: int | None = None) -> list[ProjectSummary]:
+    """Projects with their prompt, generation and comparison counts (one project if `project_id`)."""
     prompts = (
         select(Prompt.project_id, func.count(Prompt.id).label("n")).group_by(Prompt.project_id).subquery()
     )
@@ -85,7 +86,7 @@ def list_projects(session: Session) -> list[ProjectSummary]:
         .group_by(Comparison.project_id)
         .subquery()
     )
-    rows = session.exec(
+    stmt = (
         select(
             Project,
             func.coalesce(prompts.c.n, 0),
@@ -96,8 +97,15 @@ def list_projects(session: Session) -> list[ProjectSummary]:
         .outerjoin(gens, gens.c.project_id == Project.id)
         .outerjoin(comps, comps.c.project_id == Project.id)
         .order_by(Project.id)
-    ).all()
+    )
+    if project_id is not None:
+        stmt = stmt.where(Project.id == project_id)
+    rows = session.exec(stmt).all()
     return [ProjectSummary(p, n_p, n_g, n_c) for p, n_p, n_g, n_c in rows]
+
+
+def has_projects(session: Session) -> bool:
+    return session.exec(select(Project.id).limit(1)).first() is not None
 
 
 def add_guideline_version(

@@ -205,18 +205,16 @@ class GenerationService:
             chunk_seed += math.ceil(len(batch) * n / params.batch_size)
             inputs = [p.messages if p.messages else p.text for p in batch]
             outputs = []
+            size = len(batch)
             for k, model in enumerate(loaded):
                 # Overall fraction: finished chunks, plus this chunk's share of this model's work.
-                size = len(batch)
-
                 def step(done: float, total: int, k=k, start=start, size=size) -> None:
                     part = (k + done / total) / len(loaded)
                     progress((start + size * part) / len(prompts), f"{start}/{len(prompts)} prompts")
 
                 outputs.append(generate(model, inputs, chunk_params, progress=step))
-            report.seconds = time.perf_counter() - started
             self._store(project_id, batch, ckpts, outputs, params, pairing, overlap, report)
-            progress((start + len(batch)) / len(prompts), f"{start + len(batch)}/{len(prompts)} prompts")
+            progress((start + size) / len(prompts), f"{start + size}/{len(prompts)} prompts")
         report.seconds = time.perf_counter() - started
         return report
 

@@ -51,24 +51,24 @@ class ProjectService:
         self.settings = settings
         self.prompts = prompts
 
-    def list(self) -> list[ProjectInfo]:
+    def list(self, project_id: int | None = None) -> list[ProjectInfo]:
         with self.db.read() as s:
             out = []
-            for summary in crud.list_projects(s):
+            for summary in crud.list_projects(s, project_id=project_id):
                 g = crud.current_guidelines(s, summary.project.id)
                 out.append(_info(summary.project, summary, g.text if g else "", g.version if g else None))
             return out
 
     def get(self, project_id: int) -> ProjectInfo:
-        for info in self.list():
-            if info.id == project_id:
-                return info
-        raise ServiceError(f"project {project_id} does not exist")
+        found = self.list(project_id)
+        if not found:
+            raise ServiceError(f"project {project_id} does not exist")
+        return found[0]
 
     def is_empty(self) -> bool:
         """True on a fresh database: the UI then offers the demo project."""
         with self.db.read() as s:
-            return not crud.list_projects(s)
+            return not crud.has_projects(s)
 
     def create(
         self,

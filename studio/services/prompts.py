@@ -194,8 +194,6 @@ class PromptService:
             def flush(final: bool = False) -> None:
                 # Insert in chunks: memory stays bounded for a 200,000-row file (one transaction still).
                 if new_rows and (final or len(new_rows) >= _INSERT_CHUNK):
-                    if not report.lenient and any(p.code in _DB_CODES for p in report.problems):
-                        raise _Rejected
                     report.inserted += crud.insert_prompts(s, project_id=project_id, rows=new_rows)
                     new_rows.clear()
 

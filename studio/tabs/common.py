@@ -20,6 +20,9 @@ class Shared:
     project_select: gr.Dropdown
 
 
+_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
 def inert(text: object) -> str:
     """User or model text made safe to place inside Markdown: it shows exactly as typed.
 
@@ -28,9 +31,6 @@ def inert(text: object) -> str:
     (`http://...`, `www.`, e-mail) can come out of a name such as `<img onerror=...>` or `![x](http://...)`.
     """
     return "".join(f"&#{ord(c)};" if c in _PUNCTUATION else c for c in str(text))
-
-
-_PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 
 def user_errors(fn):
