@@ -160,6 +160,9 @@ class User(SQLModel, table=True):
     role: Role = Field(sa_column=sa.Column(_enum(Role, "role"), nullable=False))
     is_active: bool = Field(default=True)
     created_at: datetime = _created()
+    # Sessions issued before this moment are invalid (set when the password changes).
+    password_changed_at: datetime | None = None
+    last_login_at: datetime | None = None
 
 
 class Project(SQLModel, table=True):
@@ -286,6 +289,7 @@ class Assignment(SQLModel, table=True):
     __tablename__ = "assignments"
     id: int | None = Field(default=None, primary_key=True)
     user_id: int = Field(foreign_key="users.id", index=True)
+    project_id: int | None = Field(default=None, foreign_key="projects.id", index=True)
     task: TaskKind = Field(sa_column=sa.Column(_enum(TaskKind, "task_kind"), nullable=False))
     comparison_id: int | None = Field(default=None, foreign_key="comparisons.id", index=True)
     generation_id: int | None = Field(default=None, foreign_key="generations.id", index=True)
@@ -311,6 +315,7 @@ class PairwiseVote(SQLModel, table=True):
     rationale: str | None = None
     # Which generation the annotator saw on the left (position-bias analysis).
     left_generation_id: int = Field(foreign_key="generations.id")
+    assignment_id: int | None = Field(default=None, foreign_key="assignments.id")
     # A retry with the same key returns the first result instead of voting twice.
     idempotency_key: str = Field(max_length=64, unique=True)
     time_spent_ms: int | None = None
@@ -344,6 +349,25 @@ class SpanAnnotation(SQLModel, table=True):
     polarity: Polarity = Field(sa_column=sa.Column(_enum(Polarity, "polarity"), nullable=False))
     label: str | None = Field(default=None, max_length=100)
     comment: str | None = None
+
+
+class SpanSuggestion(SQLModel, table=True):
+    """A span proposed by a segment reward model, shown to annotators as a suggestion."""
+
+    __tablename__ = "span_suggestions"
+    __table_args__ = (
+        sa.UniqueConstraint("generation_id", "checkpoint_id", "start"),
+        sa.CheckConstraint('start >= 0 AND "end" > start', name="valid_range"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    generation_id: int = Field(foreign_key="generations.id", index=True)
+    checkpoint_id: int = Field(foreign_key="checkpoints.id")
+    start: int
+    end: int
+    polarity: Polarity = Field(sa_column=sa.Column(_enum(Polarity, "polarity"), nullable=False))
+    # The segment's normalised reward (higher = better).
+    score: float
+    created_at: datetime = _created()
 
 
 # --------------------------------------------------------------------------- training
@@ -421,6 +445,7 @@ ALL_TABLES = [
     PairwiseVote,
     SpanSet,
     SpanAnnotation,
+    SpanSuggestion,
     DatasetSnapshot,
     Job,
     MetricPoint,

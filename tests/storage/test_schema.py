@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -83,6 +84,7 @@ def _graph(s) -> dict[str, object]:
     s.flush()
     assign = m.Assignment(
         user_id=user.id,
+        project_id=project.id,
         task=m.TaskKind.pairwise,
         comparison_id=comp.id,
         expires_at=m.utcnow() + timedelta(minutes=30),
@@ -115,7 +117,10 @@ def _graph(s) -> dict[str, object]:
         base_checkpoint_id=base.id,
         output_checkpoint_id=child.id,
     )
-    s.add_all([span, job])
+    suggestion = m.SpanSuggestion(
+        generation_id=g1.id, checkpoint_id=child.id, start=1, end=2, polarity=m.Polarity.good, score=0.4
+    )
+    s.add_all([span, suggestion, job])
     s.flush()
     point = m.MetricPoint(job_id=job.id, step=1, name="loss", value=0.5)
     s.add(point)
@@ -136,6 +141,7 @@ def _graph(s) -> dict[str, object]:
                 vote,
                 span_set,
                 span,
+                suggestion,
                 snapshot,
                 job,
                 point,
@@ -332,3 +338,29 @@ def test_alembic_command_line_takes_the_url_from_x_argument(tmp_path):
             capture_output=True,
         )
     assert "prompts" in sa.inspect(sa.create_engine(url)).get_table_names()
+
+
+def test_upgrade_from_a_populated_released_schema_keeps_every_row(tmp_path):
+    """R-DB-07: a database made at schema 0001 (committed fixture) upgrades with its data intact."""
+    import shutil
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "schema_0001.sqlite"
+    path = tmp_path / "old.db"
+    shutil.copy(fixture, path)
+    db = Database.from_url(sqlite_url(path))
+    upgrade(db.engine)
+    check(db.engine)
+    with db.read() as s:
+        votes = s.exec(select(m.PairwiseVote)).all()
+        assert [(v.idempotency_key, v.outcome, v.strength, v.assignment_id) for v in votes] == [
+            ("key-1", m.Outcome.a, m.Strength.clear, None)
+        ]
+        assert [g.text for g in s.exec(select(m.Generation).order_by(m.Generation.id))] == ["hi", "hello"]
+        assert s.get(m.Comparison, 1).required_votes == 2
+        assert s.get(m.User, 1).password_changed_at is None
+        assert s.get(m.Assignment, 1).project_id is None
+    downgrade(db.engine, "0001")
+    upgrade(db.engine)
+    with db.read() as s:
+        assert len(s.exec(select(m.PairwiseVote)).all()) == 1
+    db.dispose()
