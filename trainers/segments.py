@@ -141,7 +141,9 @@ def segment_ends(
         return (pos == last[:, None]) & nonempty[:, None]
     content = _last_content(start, last, ends_with_eos)  # (B,) c
     in_scan = (pos >= start[:, None]) & (pos < content[:, None])
-    peaks = in_scan & (entropy > threshold)
+    # Compare in float64: a Python float threshold would otherwise be rounded to the tensor's dtype,
+    # so an entropy equal to float32(τ) could count as a peak for a τ just below it, or vice versa.
+    peaks = in_scan & (entropy.double() > float(threshold))
     return (peaks | (pos == content[:, None])) & nonempty[:, None]
 
 
