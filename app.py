@@ -1,4 +1,4 @@
-"""Feedback Studio entry point: settings → engine → migrations → services → UI → launch."""
+"""Feedback Studio entry point: settings → engine → migrations → services → UI → server → uvicorn."""
 
 from __future__ import annotations
 
@@ -8,16 +8,32 @@ set_offline_env()  # before gradio / transformers are imported
 
 from storage.db import Database, upgrade  # noqa: E402
 from studio.services import Services  # noqa: E402
-from studio.ui import build_app, launch_options  # noqa: E402
+from studio.ui import build_app  # noqa: E402
 
 
 def main(settings: Settings | None = None) -> None:
+    import uvicorn
+
+    from studio.server import build_server
+
     settings = settings or Settings.from_env()
     db = Database.from_url(settings.database_url)
     upgrade(db.engine)
     services = Services.build(settings, db)
-    demo = build_app(services)
-    demo.launch(**launch_options(settings))
+    app = build_server(settings, services, build_app(services))
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    base = f"http://{host}:{settings.port}"
+    if app.state.setup_path:
+        print(
+            "\nNo user exists yet. Create the first admin here (one-time link, also saved in "
+            f"{settings.data_dir / 'setup_token'}):\n\n    {base}{app.state.setup_path}\n"
+            "\n(or run: studio create-admin --username NAME)\n",
+            flush=True,
+        )
+    print(f"Feedback Studio at {base}", flush=True)
+    # One process, one worker: Gradio's queue and the login throttle live in this process's memory.
+    uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_level="warning")
 
 
 if __name__ == "__main__":

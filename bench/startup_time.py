@@ -1,7 +1,8 @@
-"""Time from `python app.py` to the first HTTP 200 on the studio page (models already cached).
+"""Time from `python app.py` to the first HTTP 200 from the server (models already cached).
 
 Each run starts the studio on a fresh data folder (so migrations run from empty) and on a free
-port, polls GET / until it answers 200, and stops the process. Writes JSON with every run and the median.
+port, polls GET /healthz (the readiness route; `/` now redirects to the login page) until it
+answers 200, and stops the process. Writes JSON with every run and the median.
 
     .venv/bin/python bench/startup_time.py --runs 5 --out bench/results/startup_time.json
 """
@@ -51,7 +52,7 @@ def one_run(timeout: float = 120) -> float:
                 if proc.poll() is not None:
                     raise RuntimeError("the studio exited before answering")
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
                         if r.status == 200:
                             return time.perf_counter() - start
                 except OSError:
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"run {i + 1}: {t:.2f} s to first HTTP 200")
     result = {
         "benchmark": "startup_time",
-        "what": "process start of `python app.py` (fresh SQLite data folder, migrations from empty) to first HTTP 200 on /",
+        "what": "process start of `python app.py` (fresh SQLite data folder, migrations from empty) to first HTTP 200 on /healthz",
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

@@ -7,7 +7,9 @@ with flags to override the common ones.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +105,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0 if report.committed else 1
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    # A child process: the studio never imports the trainers (torch, accelerate) itself.
+    import subprocess
+
+    overrides = [item for value in args.set for item in ("--set", value)]
+    command = [sys.executable, "-m", "trainers", args.recipe, "--config", args.config, *overrides]
+    return subprocess.run(command).returncode
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from studio.generation import SamplingParams, random_seed
 
@@ -144,6 +155,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_password(username: str) -> str:
+    """From STUDIO_ADMIN_PASSWORD, or asked twice on the terminal (never a default, never a flag)."""
+    from studio.services import ServiceError
+
+    password = os.environ.get("STUDIO_ADMIN_PASSWORD")
+    if password:
+        return password
+    if not sys.stdin.isatty():
+        raise ServiceError("set STUDIO_ADMIN_PASSWORD or run this in a terminal to type the password")
+    password = getpass.getpass(f"Password for {username}: ")
+    if getpass.getpass("Password again: ") != password:
+        raise ServiceError("the two passwords differ")
+    return password
+
+
+def cmd_create_admin(args: argparse.Namespace) -> int:
+    services = _services(args)
+    users = services.users
+    if not users.needs_setup() and not args.force_additional_admin:
+        print(
+            "error: the studio already has users; an admin adds more in the Users tab "
+            "(or pass --force-additional-admin)",
+            file=sys.stderr,
+        )
+        return 2
+    password = _new_password(args.username)
+    if users.needs_setup():
+        info = users.create_first_admin(args.username, password)
+    else:
+        info = users.add_user_as_operator(args.username, "admin", password)
+    print(f"created admin {info.username}")
+    return 0
+
+
+def cmd_add_user(args: argparse.Namespace) -> int:
+    services = _services(args)
+    info = services.users.add_user_as_operator(args.username, args.role, _new_password(args.username))
+    print(f"created {info.role} {info.username}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Feedback Studio")
     parser.add_argument("--data-dir", help="data folder (default: $STUDIO_DATA_DIR or ./data)")
@@ -165,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply database migrations")
     p.add_argument("revision", nargs="?", default="head")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "create-admin", help="create an admin (the first one, or another with --force-additional-admin)"
+    )
+    p.add_argument("--username", required=True)
+    p.add_argument(
+        "--force-additional-admin", action="store_true", help="add an admin although users exist already"
+    )
+    p.set_defaults(func=cmd_create_admin)
+
+    p = sub.add_parser("add-user", help="add a user (password from STUDIO_ADMIN_PASSWORD or typed)")
+    p.add_argument("--username", required=True)
+    p.add_argument("--role", choices=["admin", "annotator", "rater"], default="annotator")
+    p.set_defaults(func=cmd_add_user)
 
     p = sub.add_parser("create-project", help="create a project")
     p.add_argument("name")
@@ -199,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (default: a new random seed, printed and stored)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="run a training recipe headless (python -m trainers <recipe>)")
+    p.add_argument("recipe", help="recipe name, e.g. reward_model")
+    p.add_argument("--config", required=True, help="YAML or JSON config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

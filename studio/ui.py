@@ -6,14 +6,16 @@ from typing import Any
 
 import gradio as gr
 
+from studio.components.keys import KEYBOARD_JS
 from studio.services import Services
 from studio.settings import Settings
-from studio.tabs import browse, generate, imports, projects
-from studio.tabs.common import Shared, project_choices
+from studio.tabs import annotate, browse, datasets, generate, imports, projects, segments, team, users
+from studio.tabs.common import ADMIN, ANNOTATOR, Shared, project_choices, signed_in, wire_session
 
 CSS = """
 #studio-header h1 { margin-bottom: 0; }
 #studio-header p { margin-top: 0.2em; opacity: 0.8; }
+#session-line { text-align: right; }
 """
 
 
@@ -24,21 +26,43 @@ def build_app(services: Services) -> gr.Blocks:
             "policies → blind comparison.",
             elem_id="studio-header",
         )
+        session = gr.HTML("", elem_id="session-line")
         with gr.Row():
             project_select = gr.Dropdown(
                 label="Project", choices=[], value=None, elem_id="project-select", scale=3
             )
         shared = Shared(services=services, project_id=gr.State(None), project_select=project_select)
-        with gr.Tabs(elem_id="tabs"):
-            with gr.Tab("Projects", id="projects", elem_id="tab-projects"):
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with shared.tab("Projects", "projects", ADMIN):
                 proj = projects.build(shared)
-            with gr.Tab("Import", id="import", elem_id="tab-import"):
+            with shared.tab("Import", "import", ADMIN):
                 imp = imports.build(shared)
-            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+            with shared.tab("Generate", "generate", ADMIN):
                 gen = generate.build(shared)
-            with gr.Tab("Browse", id="browse", elem_id="tab-browse"):
+            with shared.tab("Browse", "browse", ADMIN):
                 brw = browse.build(shared)
+            with shared.tab("Pairwise", "pairwise", ANNOTATOR) as pairwise_tab:
+                pair = annotate.build(shared)
+            with shared.tab("Segments", "segments", ANNOTATOR) as segments_tab:
+                seg = segments.build(shared)
+            with shared.tab("Team", "team", ADMIN) as team_tab:
+                tm = team.build(shared)
+            with shared.tab("Datasets", "datasets", ADMIN) as datasets_tab:
+                ds = datasets.build(shared)
+            with shared.tab("Users", "users", ADMIN) as users_tab:
+                usr = users.build(shared)
         _wire(demo, shared, proj, imp, gen, brw)
+        wire_session(demo, shared, session, tabs)
+        users_tab.select(*usr["refresh"])
+        _wire_annotation(
+            shared,
+            {
+                "pairwise": (pairwise_tab, pair),
+                "segments": (segments_tab, seg),
+                "team": (team_tab, tm),
+                "datasets": (datasets_tab, ds),
+            },
+        )
     demo.queue(default_concurrency_limit=8)
     return demo
 
@@ -61,9 +85,11 @@ def _wire(demo: gr.Blocks, shared: Shared, proj: dict, imp: dict, gen: dict, brw
     gen_refresh, _gen_in, gen_out = gen["refresh"]
     guide_refresh, _guide_in, guide_out = proj["refresh"]
 
-    def refresh_tabs(project_id, *browse_inputs):
+    def refresh_tabs(project_id, query_v, tag_v, _page, request: gr.Request):
+        if str(signed_in(services, request).role) != ADMIN:  # the admin tabs are hidden for others
+            return tuple(gr.skip() for _ in show_out + gen_out + guide_out)
         return (
-            *show(project_id, *browse_inputs[:2], 1),
+            *show(project_id, query_v, tag_v, 1, request),
             *gen_refresh(project_id),
             *guide_refresh(project_id),
         )
@@ -78,8 +104,34 @@ def _wire(demo: gr.Blocks, shared: Shared, proj: dict, imp: dict, gen: dict, brw
         event.then(show, show_in, show_out).then(lambda: projects.projects_frame(shared), None, proj["table"])
 
 
-def launch_options(settings: Settings) -> dict[str, Any]:
-    """`launch()` keyword arguments: safe defaults for a studio holding annotation data."""
+def _wire_annotation(shared: Shared, parts: dict[str, tuple[gr.Tab, dict]]) -> None:
+    """Annotation tabs load their item when opened or when the project changes (see their `on_project`)."""
+    (pairwise_tab, pair), (segments_tab, seg) = parts["pairwise"], parts["segments"]
+    (team_tab, tm), (datasets_tab, ds) = parts["team"], parts["datasets"]
+    load_pair, pair_in, pair_out = pair["load"]
+    load_seg, seg_in, seg_out = seg["load"]
+    limit = pair["concurrency_limit"]
+    pairwise_tab.select(load_pair, pair_in, pair_out, concurrency_limit=limit)
+    segments_tab.select(load_seg, seg_in, seg_out, concurrency_limit=limit)
+    refresh_team, team_in, team_out = tm["refresh"]
+    team_tab.select(refresh_team, team_in, team_out, concurrency_limit=limit).then(
+        lambda: gr.Timer(active=True), None, tm["timer"]
+    )
+    for tab, tab_id, _roles in shared.tabs:
+        if tab_id != "team":
+            tab.select(lambda: gr.Timer(active=False), None, tm["timer"], queue=False)
+    datasets_tab.select(*ds["refresh"], concurrency_limit=limit)
+
+    on_pair, on_pair_in, _ = pair["on_project"]
+    on_seg, on_seg_in, _ = seg["on_project"]
+    shared.project_select.change(on_pair, on_pair_in, pair_out, concurrency_limit=limit)
+    shared.project_select.change(on_seg, on_seg_in, seg_out, queue=False)
+    shared.project_select.change(*tm["clear"], queue=False)
+    shared.project_select.change(*ds["clear"], queue=False)
+
+
+def mount_options(settings: Settings) -> dict[str, Any]:
+    """`gr.mount_gradio_app()` keyword arguments: safe defaults for a studio holding annotation data."""
     return {
         "server_name": settings.host,
         "server_port": settings.port,
@@ -91,6 +143,8 @@ def launch_options(settings: Settings) -> dict[str, Any]:
         "run_history": False,
         "enable_monitoring": False,
         "footer_links": ["gradio", "settings"],
-        "share": False,
         "show_error": False,
+        "ssr_mode": False,
+        "mcp_server": False,
+        "js": KEYBOARD_JS,
     }

@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from storage.db import Database
+from studio.services.annotation import AnnotationService
+from studio.services.datasets import DatasetService
 from studio.services.errors import ServiceError
 from studio.services.generate import GenerationService
 from studio.services.projects import ProjectService
 from studio.services.prompts import PromptService
+from studio.services.quality import QualityService
+from studio.services.users import UserService
 from studio.settings import Settings
 
 
@@ -23,16 +27,25 @@ class Services:
     projects: ProjectService
     prompts: PromptService
     generation: GenerationService
+    users: UserService
+    annotation: AnnotationService
+    quality: QualityService
+    datasets: DatasetService
 
     @classmethod
     def build(cls, settings: Settings, db: Database) -> Services:
         prompts = PromptService(db, settings)
+        users = UserService(db, settings)
         return cls(
             settings=settings,
             db=db,
             projects=ProjectService(db, settings, prompts),
             prompts=prompts,
             generation=GenerationService(db, settings),
+            users=users,
+            annotation=AnnotationService(db, settings, users),
+            quality=QualityService(db, settings, users),
+            datasets=DatasetService(db, settings, users),
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio.tabs.common import Shared, require_project, user_errors
+from studio.tabs.common import ADMIN, Shared, require_project, requires, user_errors
 
 PROMPT_COLUMNS = ["id", "external id", "kind", "tags", "responses", "prompt"]
 RESPONSE_COLUMNS = ["#", "model", "sample", "response", "tokens", "finish", "settings"]
@@ -46,6 +46,7 @@ def build(shared: Shared) -> dict:
     )
 
     @user_errors
+    @requires(shared, ADMIN)
     def show(project_id, query_v, tag_v, page_v):
         if project_id is None:
             return (
@@ -71,6 +72,7 @@ def build(shared: Shared) -> dict:
         return frame, [r.id for r in result.rows], text, result.page, gr.update(choices=tags, value=tag_v)
 
     @user_errors
+    @requires(shared, ADMIN)
     def select(project_id, ids, evt: gr.SelectData):
         project_id = require_project(project_id)
         row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
@@ -101,12 +103,23 @@ def build(shared: Shared) -> dict:
 
     inputs = [shared.project_id, query, tag, page]
     outputs = [table, row_ids, info, page, tag]
-    query.submit(lambda *a: show(*a[:3], 1), inputs, outputs)
-    tag.change(lambda *a: show(*a[:3], 1), inputs, outputs)
-    page.submit(show, inputs, outputs)
-    prev_btn.click(lambda p, q, t, n: show(p, q, t, max(1, (n or 1) - 1)), inputs, outputs)
-    next_btn.click(lambda p, q, t, n: show(p, q, t, (n or 1) + 1), inputs, outputs)
-    table.select(select, [shared.project_id, row_ids], [prompt_box, responses])
+
+    # Every event passes the request on, so `show` checks the role of whoever asked.
+    def first_page(p, q, t, _n, request: gr.Request):
+        return show(p, q, t, 1, request)
+
+    def previous_page(p, q, t, n, request: gr.Request):
+        return show(p, q, t, max(1, (n or 1) - 1), request)
+
+    def next_page(p, q, t, n, request: gr.Request):
+        return show(p, q, t, (n or 1) + 1, request)
+
+    query.submit(first_page, inputs, outputs, api_name="browse_search")
+    tag.change(first_page, inputs, outputs, api_name="browse_tag")
+    page.submit(show, inputs, outputs, api_name="browse_page")
+    prev_btn.click(previous_page, inputs, outputs, api_name="browse_previous")
+    next_btn.click(next_page, inputs, outputs, api_name="browse_next")
+    table.select(select, [shared.project_id, row_ids], [prompt_box, responses], api_name="browse_detail")
     return {"refresh": (show, inputs, outputs)}
 
 

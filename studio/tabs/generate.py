@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs.common import Shared, inert, require_project, user_errors
+from studio.tabs.common import ADMIN, Shared, inert, require_project, requires, user_errors
 
 PAIRINGS = [
     ("Two samples of one model", "two_samples"),
@@ -71,6 +71,7 @@ def build(shared: Shared) -> dict:
         )
 
     @user_errors
+    @requires(shared, ADMIN)
     def add_model(project_id, ref_v, name_v):
         choice = services.generation.register_model(ref_v, name=name_v or None)
         choices = model_choices(shared, project_id)
@@ -81,6 +82,7 @@ def build(shared: Shared) -> dict:
         )
 
     @user_errors
+    @requires(shared, ADMIN)
     def run(
         project_id,
         model_v,
@@ -127,7 +129,9 @@ def build(shared: Shared) -> dict:
         return inert(report.summary())
 
     pairing.change(lambda v: gr.update(visible=v == "two_checkpoints"), pairing, second)
-    add_btn.click(add_model, [shared.project_id, ref, ref_name], [model, second, result])
+    add_btn.click(
+        add_model, [shared.project_id, ref, ref_name], [model, second, result], api_name="add_model"
+    )
     generated = run_btn.click(
         run,
         [
@@ -146,6 +150,7 @@ def build(shared: Shared) -> dict:
             batch,
         ],
         result,
+        api_name="generate",
         concurrency_id="model",
         concurrency_limit=1,
     )

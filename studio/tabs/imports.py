@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.services.prompts import write_problems_json
-from studio.tabs.common import Shared, inert, require_project, user_errors
+from studio.tabs.common import ADMIN, Shared, inert, require_project, requires, user_errors
 
 PROBLEM_COLUMNS = ["line", "field", "code", "message"]
 MAX_SHOWN = 100
@@ -60,6 +60,7 @@ def build(shared: Shared) -> dict:
     )
 
     @user_errors
+    @requires(shared, ADMIN)
     def run_import(project_id, path, mode_v, policy_v):
         project_id = require_project(project_id)
         if not path:
@@ -93,6 +94,9 @@ def build(shared: Shared) -> dict:
         )
 
     event = import_btn.click(
-        run_import, [shared.project_id, upload, mode, policy], [result, problems, problems_file, upload]
+        run_import,
+        [shared.project_id, upload, mode, policy],
+        [result, problems, problems_file, upload],
+        api_name="import_prompts",
     )
     return {"imported": event}

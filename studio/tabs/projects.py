@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio.tabs.common import Shared, inert, project_choices, require_project, user_errors
+from studio.tabs.common import ADMIN, Shared, inert, project_choices, require_project, requires, user_errors
 
 COLUMNS = ["id", "name", "prompts", "responses", "pairs", "guidelines", "description"]
 
@@ -63,11 +63,13 @@ def build(shared: Shared) -> dict:
     )
 
     @user_errors
+    @requires(shared, ADMIN)
     def create(name_v, desc_v, guide_v, labels_v):
         info = services.projects.create(name_v, description=desc_v, guidelines=guide_v, span_labels=labels_v)
         return _after_change(shared, info.id, f"Created project **{inert(info.name)}**.")
 
     @user_errors
+    @requires(shared, ADMIN)
     def create_demo():
         info, report = services.projects.create_demo()
         return _after_change(shared, info.id, f"Created **{inert(info.name)}**. {inert(report.summary())}")
@@ -84,14 +86,15 @@ def build(shared: Shared) -> dict:
         )
 
     @user_errors
+    @requires(shared, ADMIN)
     def save_guidelines(project_id, text):
         n = services.projects.set_guidelines(require_project(project_id), text or "")
         return f"Saved guidelines version {n}; every annotation records the version it saw."
 
     outputs = [shared.project_select, shared.project_id, table, status, demo_offer]
-    create_btn.click(create, [name, description, guidelines, labels], outputs)
-    demo_btn.click(create_demo, None, outputs)
-    save_btn.click(save_guidelines, [shared.project_id, current], version)
+    create_btn.click(create, [name, description, guidelines, labels], outputs, api_name="create_project")
+    demo_btn.click(create_demo, None, outputs, api_name="create_demo")
+    save_btn.click(save_guidelines, [shared.project_id, current], version, api_name="save_guidelines")
     return {
         "table": table,
         "demo_offer": demo_offer,

@@ -1,4 +1,10 @@
-"""A real studio process on a free port, and Debian's chromium driven by Playwright."""
+"""A real studio process on a free port, and Debian's chromium driven by Playwright.
+
+The studio starts with one admin (`studio.admin`, password `studio.admin_password`), created
+through the CLI before the server starts; more with `studio.add_user(name, password, role)`.
+The `login` fixture is `sign_in(page, studio, username=None, password=None)`: it signs a page in
+through the login form and waits for the studio page.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from unittest import mock
 from urllib.parse import urlparse
 
 import pytest
@@ -25,6 +32,8 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 ROOT = Path(__file__).resolve().parents[2]
+ADMIN = "admin"
+ADMIN_PASSWORD = "browser-test-admin-pw"
 
 
 def _free_port() -> int:
@@ -38,6 +47,8 @@ class Studio:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = tmp / "data"
+        self.admin, self.admin_password = ADMIN, ADMIN_PASSWORD
+        self.add_user(ADMIN, ADMIN_PASSWORD, "admin")
         env = {
             **os.environ,
             "STUDIO_DATA_DIR": str(self.data_dir),
@@ -61,12 +72,21 @@ class Studio:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"studio exited early:\n{Path(self.log.name).read_text()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/gradio_api/info", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.25)
         raise TimeoutError(f"studio not ready after {timeout} s:\n{Path(self.log.name).read_text()}")
+
+    def add_user(self, username: str, password: str, role: str = "annotator") -> None:
+        """Through the CLI (`studio create-admin` for the first admin, else `studio add-user`)."""
+        from studio.cli import main
+
+        first = not (self.data_dir / "studio.db").exists()
+        args = ["create-admin"] if first and role == "admin" else ["add-user", "--role", role]
+        with mock.patch.dict(os.environ, {"STUDIO_ADMIN_PASSWORD": password}):
+            assert main(["--data-dir", str(self.data_dir), *args, "--username", username]) == 0
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -82,6 +102,25 @@ def studio(tmp_path, tiny_model):
     server = Studio(tmp_path, tiny_model)
     yield server
     server.stop()
+
+
+def sign_in(page, studio: Studio, username: str | None = None, password: str | None = None) -> None:
+    """Sign `page` in through the login form (the studio's admin unless told otherwise)."""
+    from playwright.sync_api import expect
+
+    username = username or studio.admin
+    password = password or studio.admin_password
+    page.goto(f"{studio.url}/login")
+    page.locator("#username").fill(username)
+    page.locator("#password").fill(password)
+    page.locator("#login-button").click()
+    expect(page.locator("#session-line")).to_contain_text(f"Signed in as {username}", timeout=30_000)
+
+
+@pytest.fixture
+def login():
+    """`login(page, studio, username=None, password=None)`: sign a page in (default: the admin)."""
+    return sign_in
 
 
 @pytest.fixture(scope="session")

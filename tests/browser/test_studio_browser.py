@@ -18,7 +18,7 @@ def _open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
-def test_import_file_and_see_prompts_listed(studio, page, tmp_path):
+def test_import_file_and_see_prompts_listed(studio, page, login, tmp_path):
     rows = [
         {"id": "p1", "prompt": "Write a haiku about rain.", "tags": ["poem"]},
         {"id": "p2", "messages": [{"role": "user", "content": "Explain tides briefly."}]},
@@ -29,7 +29,7 @@ def test_import_file_and_see_prompts_listed(studio, page, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x", "prompt": "ok"}\n{"id": "y", "prompt": 42}\n')
 
-    page.goto(studio.url)
+    login(page, studio)
     page.get_by_text("New project").click()
     page.locator("#project-name textarea, #project-name input").first.fill(NAME)
     page.locator("#create-project").click()
@@ -66,8 +66,8 @@ def test_import_file_and_see_prompts_listed(studio, page, tmp_path):
     expect(page.locator("#browse-info")).to_contain_text("1 prompt(s)")
 
 
-def test_demo_project_generate_and_browse_responses(studio, page):
-    page.goto(studio.url)
+def test_demo_project_generate_and_browse_responses(studio, page, login):
+    login(page, studio)
     demo_button = page.locator("#create-demo")
     expect(demo_button).to_be_visible()
     demo_button.click()
