@@ -1,0 +1,69 @@
+"""``python -m trainers <recipe> --config cfg.yaml [--set key=value ...]`` — run a recipe headless.
+
+Also under ``accelerate launch -m trainers <recipe> …`` on several GPUs. Recipes are registered by
+name → module (imported only when chosen); each module has ``main(argv) -> int``.
+
+Exit status: 0 done; 143 stopped by SIGTERM after writing a checkpoint; 2 bad config or data;
+3 non-finite loss or gradient; 4 disk full; 5 an untrustworthy checkpoint; 6 other checkpoint I/O.
+Failures print one line ``error[<code>]: <message>`` on stderr (codes: bad_input, nan_loss,
+disk_full, bad_checkpoint, io), which the studio's job worker stores as the failure reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+RECIPES: dict[str, str] = {
+    "reward_model": "trainers.recipes.reward_model",
+    "segment_reward_model": "trainers.recipes.segment_reward_model",
+}
+"""Recipe name → module with ``main(argv)``."""
+
+EXIT_CODES = {"bad_input": 2, "nan_loss": 3, "disk_full": 4, "bad_checkpoint": 5, "io": 6}
+
+
+def _usage() -> str:
+    names = "\n".join(f"  {name}" for name in RECIPES)
+    return f"usage: python -m trainers <recipe> --config cfg.yaml [--set key=value ...]\n\nrecipes:\n{names}"
+
+
+def failure_code(exc: BaseException) -> str | None:
+    """The machine-readable failure code of an exception a recipe raised (None: a bug, re-raise)."""
+    from trainers.config import ConfigError
+    from trainers.data import SnapshotError
+    from trainers.models import ModelNotFoundError
+
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code in EXIT_CODES:
+        return code
+    if isinstance(exc, (ConfigError, SnapshotError, ModelNotFoundError)):
+        return "bad_input"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in RECIPES:
+        print(f"error[bad_input]: unknown recipe {name!r}\n{_usage()}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    module = importlib.import_module(RECIPES[name])
+    try:
+        return module.main(rest)
+    except Exception as exc:
+        code = failure_code(exc)
+        if code is None:
+            raise
+        print(f"error[{code}]: {exc}", file=sys.stderr)
+        return EXIT_CODES[code]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

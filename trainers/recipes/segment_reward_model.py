@@ -1,0 +1,670 @@
+"""Segment reward model (Yin et al. 2025): a reward per entropy-delimited segment, trained from
+ordinary sequence preferences; plus optional human good/bad spans as extra supervision.
+
+What it does (algorithms.md §4.2–4.4):
+
+1. A causal LM (default ``smollm2``) gets a per-position value head ``Linear(hidden, 1, bias=False)``
+   (:class:`trainers.segment_rm.SegmentRewardModel`).
+2. Every response is segmented once, before training, by the next-token entropy of a **frozen**
+   copy of the same initial checkpoint: position j ends a segment when H_j > τ_H (with the paper's
+   EOS fix-ups). τ_H is ``segmentation.threshold`` when given (0: token level, 1000: bandit), else
+   the entropy quantile that gives ``segmentation.target_mean_segment_len`` tokens per segment on
+   the first ``segmentation.calibration_responses`` training responses. Segments depend on the text
+   and the reference only, so training, normaliser fitting and scoring
+   (:class:`trainers.rewards.SegmentRMReward`) agree exactly.
+3. Segment reward r_k = v(e_k); sequence score S(y) = mean_k r_k; loss −log σ(S(y⁺) − S(y⁻) − margin)
+   (:func:`trainers.losses.bradley_terry_loss`); chosen and rejected in one forward pass.
+4. Optional, **our extension** (``spans.weight`` λ > 0 with a segments snapshot): each step also
+   takes a batch of responses with human good/bad spans and adds λ · mean softplus(−y_k r_k) over
+   segments that overlap a labelled span (y_k = ±1 by majority of labelled tokens;
+   :func:`trainers.segment_rm.span_logistic_loss`). ``bench/segment_rm_ablation.py`` measures
+   whether it helps.
+5. After training, the location-aware normaliser mean(p) = a ln p + c, std(p) = b ln p + d is
+   Huber-fitted on the raw segment rewards of a calibration split (chosen and rejected responses;
+   bandit mode: a global mean/std of sequence scores) and stored with τ_H and the reference path
+   in ``final/studio.json["segment_rm"]`` (:class:`trainers.segment_rm.SegmentRMInfo`).
+
+The loop is the sequence reward-model recipe's (``trainers/recipes/reward_model.py``): accelerate,
+gradient accumulation, clipping, seed-determined batches, atomic resumable checkpoints in
+``<output_dir>/checkpoints/step-N``, ``metrics.jsonl``, a progress bar; the final model goes to
+``<output_dir>/final`` (layout in :mod:`trainers.segment_rm`).
+
+Left out: the paper's length guards and PPO (separate recipes), LoRA, sharded (FSDP/ZeRO-3) saving,
+and segmenting on the fly (responses are segmented up front on every process; for datasets far
+larger than memory, segment ends would need caching on disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from trainers import segments as seg
+from trainers.checkpoint import (
+    TRAINING_STATE,
+    clean_orphans,
+    find_latest_complete,
+    folder_bytes,
+    load_training_state,
+    prune_checkpoints,
+    read_studio_json,
+    step_dir,
+    write_checkpoint,
+)
+from trainers.config import ConfigError, OptimConfig, bounded, config_to_dict, parse_recipe_args
+from trainers.data import (
+    PreferencePair,
+    StepSampler,
+    is_held_out,
+    read_preferences,
+    read_span_examples,
+    snapshot_sha256,
+    split_pairs,
+)
+from trainers.losses import bradley_terry_loss
+from trainers.metrics import MetricsWriter, check_finite, pairwise_ece
+from trainers.normalise import fit_global_normaliser, fit_location_normaliser
+from trainers.optim import build_optimizer
+from trainers.segment_rm import (
+    STUDIO_KEY,
+    Reference,
+    SegmentRewardModel,
+    SegmentRMInfo,
+    Side,
+    SpanData,
+    calibrate,
+    encode,
+    response_text,
+    segment_pairs,
+    segment_rewards_of,
+    sequence_scores,
+    span_batch_loss,
+    span_data,
+)
+
+RECIPE = "segment_reward_model"
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """How responses are cut into segments (by the frozen reference's next-token entropy)."""
+
+    threshold: float | None = bounded(None, ge=-1)
+    """τ_H in nats. null: calibrate to ``target_mean_segment_len``; 0: token level; 1000: bandit."""
+    target_mean_segment_len: float = bounded(6.0, ge=1)
+    """Wanted mean tokens per segment when τ_H is calibrated (the paper's models give ~4–8)."""
+    calibration_responses: int = bounded(512, ge=1)
+    """How many training responses calibrate τ_H (chosen and rejected of the first pairs in file order)."""
+
+
+@dataclass(frozen=True)
+class SpanConfig:
+    """Human good/bad spans as auxiliary supervision (not in the paper; default off)."""
+
+    snapshot: str | None = None
+    """Segments snapshot (prompt, response/completion, spans with code-point offsets)."""
+    weight: float = bounded(0.0, ge=0)
+    """λ: weight of the span loss added to the BT loss (0: spans unused)."""
+    batch_size: int = bounded(8, ge=1)
+    """Span-labelled responses per micro-batch per process."""
+
+
+@dataclass(frozen=True)
+class NormaliserConfig:
+    """The location-aware normaliser fitted after training."""
+
+    calibration_fraction: float = bounded(0.0, ge=0, lt=1)
+    """Share of the training pairs set aside (by content hash) to fit it; 0: fit on the held-out
+    pairs, or on the training pairs when there are none."""
+    max_pairs: int = bounded(2000, ge=1)
+    """At most this many calibration pairs (2 responses each) are scored."""
+
+
+@dataclass(frozen=True)
+class SegmentRewardModelConfig:
+    """Train a segment-level Bradley–Terry reward model on a preference snapshot."""
+
+    snapshot: str
+    """Preference snapshot: JSONL, Parquet or a datasets folder in TRL columns (see trainers.data)."""
+    output_dir: str
+    """Run folder: checkpoints/, final/, metrics.jsonl. Rerunning into it resumes."""
+    eval_snapshot: str | None = None
+    """Held-out snapshot; when null, ``eval_fraction`` of the pairs are held out by content hash."""
+    eval_fraction: float = bounded(0.1, ge=0, lt=1)
+    """Share of the snapshot held out when there is no ``eval_snapshot`` (0: no evaluation)."""
+    model: str = "smollm2"
+    """Causal-LM backbone, also the frozen entropy reference: a default name, a folder or a hub id."""
+    model_cache: str | None = None
+    """Where default models live (default: $STUDIO_MODEL_CACHE or ~/.cache/feedback-studio/models)."""
+    max_length: int = bounded(256, ge=8)
+    """Tokens per sequence (prompt + response + EOS); longer ones are truncated."""
+    truncation_side: Literal["left", "right"] = "left"
+    """Which end of an over-long sequence to cut: left keeps the end of the response."""
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    """τ_H: explicit or calibrated."""
+    spans: SpanConfig = field(default_factory=SpanConfig)
+    """Optional human-span supervision."""
+    normaliser: NormaliserConfig = field(default_factory=NormaliserConfig)
+    """Calibration data of the location-aware normaliser."""
+    batch_size: int = bounded(8, ge=1)
+    """Pairs per micro-batch per process."""
+    eval_batch_size: int = bounded(32, ge=1)
+    """Pairs per forward pass during evaluation and normaliser fitting."""
+    max_steps: int = bounded(0, ge=0)
+    """Optimizer steps; 0 means ``epochs`` passes over the training pairs."""
+    epochs: float = bounded(1.0, gt=0)
+    """Passes over the training pairs when ``max_steps`` is 0."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW, schedule, clipping, accumulation."""
+    eval_every: int = bounded(0, ge=0)
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    checkpoint_every: int = bounded(0, ge=0)
+    """Write a resumable checkpoint every N optimizer steps (0: only the final model)."""
+    keep_checkpoints: int = bounded(2, ge=0)
+    """How many step checkpoints to keep (0: all)."""
+    log_every: int = bounded(1, ge=1)
+    """Write training metrics every N optimizer steps."""
+    seed: int = 0
+    """Seeds the value-head initialisation, the batch order and dropout."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on a GPU that supports it, else full fp32 (entropies are always fp32)."""
+    cpu: bool = False
+    """Run on the CPU even when a GPU is present."""
+    resume: bool = True
+    """Continue from the latest complete checkpoint in output_dir; false refuses a non-empty run folder."""
+    progress: bool = True
+    """Show a tqdm progress bar on stderr."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced."""
+
+    output_dir: Path
+    final_checkpoint: Path | None
+    """``<output_dir>/final``; None when the run was stopped early."""
+    last_checkpoint: Path | None
+    steps: int
+    metrics: dict[str, float]
+    """The last held-out evaluation (``eval/…``), empty without held-out pairs."""
+    info: SegmentRMInfo
+    """τ_H, reference, normaliser (None when stopped early)."""
+    resumed_from: Path | None
+    stopped: bool
+    seconds: float
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds for the loop."""
+
+    cfg: SegmentRewardModelConfig
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    train: tuple[Side, Side]
+    held_out: tuple[Side, Side]
+    calibration: tuple[Side, Side]
+    train_margin: list[float]
+    held_out_margin: list[float]
+    spans: SpanData | None
+    sampler: StepSampler
+    span_sampler: StepSampler | None
+    total_steps: int
+    start_step: int
+    resumed_from: Path | None
+    metrics: MetricsWriter
+    info: SegmentRMInfo
+    studio: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _calibration_split(
+    pairs: list[PreferencePair], fraction: float
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(kept for training, calibration) by a content hash salted apart from the held-out split."""
+    salted = [hashlib.sha256(("calibration:" + p.key).encode()).hexdigest() for p in pairs]
+    cal = [p for p, k in zip(pairs, salted, strict=True) if is_held_out(k, fraction)]
+    kept = [p for p, k in zip(pairs, salted, strict=True) if not is_held_out(k, fraction)]
+    return kept, cal
+
+
+def setup(cfg: SegmentRewardModelConfig) -> Run:
+    """Load data and models, segment every response, build the optimizer, restore the latest checkpoint."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from trainers.models import resolve_model
+
+    hf_logging.disable_progress_bar()
+
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        gpu = torch.cuda.is_available() and not cfg.cpu
+        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=precision)
+    out = Path(cfg.output_dir)
+    checkpoints = out / "checkpoints"
+    if accelerator.is_main_process:
+        clean_orphans(checkpoints)
+        clean_orphans(out)
+    accelerator.wait_for_everyone()
+
+    # Data: read, split (held out, calibration), hash.
+    pairs = read_preferences(cfg.snapshot)
+    if cfg.eval_snapshot:
+        train_raw, eval_raw = pairs, read_preferences(cfg.eval_snapshot)
+    else:
+        train_raw, eval_raw = split_pairs(pairs, cfg.eval_fraction)
+    cal_raw: list[PreferencePair] = []
+    if cfg.normaliser.calibration_fraction > 0:
+        train_raw, cal_raw = _calibration_split(train_raw, cfg.normaliser.calibration_fraction)
+        if not cal_raw:
+            raise ConfigError(
+                cfg.output_dir, "normaliser.calibration_fraction", "no pair fell into the calibration split"
+            )
+    if not train_raw:
+        raise ConfigError(cfg.snapshot, None, "no training pairs left after the held-out split")
+    if cfg.spans.weight > 0 and not cfg.spans.snapshot:
+        raise ConfigError(cfg.output_dir, "spans.snapshot", "spans.weight > 0 needs a segments snapshot")
+    studio: dict[str, Any] = {
+        "recipe": RECIPE,
+        "kind": "segment-reward",
+        "config": config_to_dict(cfg),
+        "snapshot_sha256": snapshot_sha256(cfg.snapshot),
+        "eval_snapshot_sha256": snapshot_sha256(cfg.eval_snapshot) if cfg.eval_snapshot else None,
+        "span_snapshot_sha256": snapshot_sha256(cfg.spans.snapshot) if cfg.spans.snapshot else None,
+        "world_size": accelerator.num_processes,
+    }
+
+    base = resolve_model(cfg.model, Path(cfg.model_cache) if cfg.model_cache else None)
+    studio["parent"] = {"model": cfg.model, "path": str(base)}
+    latest = find_latest_complete(checkpoints)
+    previous = _check_resumable(cfg, latest, studio) if latest is not None else None
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {base} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side, tokenizer.truncation_side = "right", cfg.truncation_side
+
+    # Segmentation: every response segmented once, by the frozen reference.
+    train, held_out, calibration, spans, info = _segment_data(
+        cfg, tokenizer, base, str(accelerator.device), previous, train_raw, eval_raw, cal_raw
+    )
+    tau = info.threshold
+
+    # Model: from the latest checkpoint when resuming, else the backbone with a fresh value head.
+    torch.manual_seed(cfg.seed)
+    model = SegmentRewardModel.from_pretrained(latest or base)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    global_batch = cfg.batch_size * cfg.optim.grad_accum * accelerator.num_processes
+    if global_batch > len(train_raw):
+        raise ConfigError(cfg.snapshot, "batch_size",
+                          f"one step needs {global_batch} pairs (batch_size × grad_accum × processes) "
+                          f"but the snapshot has {len(train_raw)} training pairs")  # fmt: skip
+    sampler = StepSampler(len(train_raw), global_batch, cfg.seed)
+    span_sampler = None
+    if spans is not None:
+        span_global = cfg.spans.batch_size * cfg.optim.grad_accum * accelerator.num_processes
+        if span_global > len(spans.encoded):
+            raise ConfigError(cfg.spans.snapshot, "spans.batch_size",
+                              f"one step needs {span_global} span-labelled responses, the snapshot has "
+                              f"{len(spans.encoded)}")  # fmt: skip
+        span_sampler = StepSampler(len(spans.encoded), span_global, cfg.seed + 1)
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * sampler.steps_per_epoch))
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
+    start_step = 0
+    if latest is not None:
+        state = load_training_state(latest)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    _info(
+        accelerator,
+        f"{RECIPE}: {len(train_raw)} train / {len(eval_raw)} held-out / {len(calibration[0].encoded)} calibration pairs, "
+        f"τ_H = {tau:.4g}{' (calibrated)' if cfg.segmentation.threshold is None else ''}, mean segment length "
+        f"{info.mean_segment_length:.2f} tokens, {total_steps} steps of {global_batch} pairs on "
+        f"{accelerator.device} ({precision})" + (f", resuming from {latest.name}" if latest else ""),
+    )
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_step if latest else None,
+                            enabled=accelerator.is_main_process)  # fmt: skip
+    return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train, held_out, calibration,
+               [p.margin for p in train_raw], [p.margin for p in eval_raw], spans, sampler, span_sampler,
+               total_steps, start_step, latest, metrics, info, studio)  # fmt: skip
+
+
+def _segment_data(
+    cfg: SegmentRewardModelConfig,
+    tokenizer: Any,
+    base: Path,
+    device: str,
+    previous: dict[str, Any] | None,
+    train_raw: list[PreferencePair],
+    eval_raw: list[PreferencePair],
+    cal_raw: list[PreferencePair],
+) -> tuple[tuple[Side, Side], tuple[Side, Side], tuple[Side, Side], SpanData | None, SegmentRMInfo]:
+    """Choose τ_H (explicit, from the checkpoint being resumed, or calibrated on the first training
+    responses), then encode and segment every response once with the frozen reference (fp32).
+
+    Returns the train, held-out and calibration sides, the span data (or None) and the run's info.
+    """
+    tau = cfg.segmentation.threshold
+    if tau is None and previous is not None:
+        tau = float(previous[STUDIO_KEY]["threshold"])
+    reference = None if tau is not None and seg.is_bandit(tau) else Reference(base, device=device)
+    if tau is None:
+        sample = train_raw[: max(1, cfg.segmentation.calibration_responses // 2)]
+        prompts = [p.prompt for p in sample] * 2
+        responses = [response_text(p.chosen) for p in sample] + [response_text(p.rejected) for p in sample]
+        encoded = encode(tokenizer, prompts, responses, max_length=cfg.max_length)
+        tau = calibrate(encoded, reference.entropies([e.input_ids for e in encoded]),
+                        cfg.segmentation.target_mean_segment_len)  # fmt: skip
+    train = segment_pairs(tokenizer, train_raw, cfg.max_length, reference, tau)
+    held_out = segment_pairs(tokenizer, eval_raw, cfg.max_length, reference, tau)
+    # Normaliser data: the calibration split if asked for, else the held-out pairs, else training pairs.
+    m = cfg.normaliser.max_pairs
+    if cal_raw:
+        calibration = segment_pairs(tokenizer, cal_raw[:m], cfg.max_length, reference, tau)
+    else:
+        calibration = tuple(
+            Side(side.encoded[:m], side.ends[:m]) for side in (held_out if eval_raw else train)
+        )
+    spans = None
+    if cfg.spans.snapshot and cfg.spans.weight > 0:
+        spans = span_data(tokenizer, read_span_examples(cfg.spans.snapshot), cfg.max_length, reference, tau)
+    # pooled mean segment length: tokens covered by segments (EOS excluded in dense modes) / segments
+    pairs = [(e, x) for side in train for e, x in zip(side.encoded, side.ends, strict=True)]
+    covered = sum(x[-1] - e.response_start + 1 for e, x in pairs)
+    info = SegmentRMInfo(
+        threshold=float(tau),
+        reference=str(base),
+        prompt_format="text" if isinstance(train_raw[0].prompt, str) else "chat",
+        max_length=cfg.max_length,
+        truncation_side=cfg.truncation_side,
+        mean_segment_length=covered / max(sum(len(x) for _, x in pairs), 1),
+        extra={"threshold_calibrated": cfg.segmentation.threshold is None},
+    )
+    return train, held_out, calibration, spans, info
+
+
+def _check_resumable(cfg: SegmentRewardModelConfig, latest: Path, studio: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to continue a run whose data or training-relevant settings differ; return its studio.json."""
+    if not cfg.resume:
+        raise ConfigError(cfg.output_dir, "resume",
+                          f"holds checkpoints ({latest.name}); set resume: true or use an empty folder")  # fmt: skip
+    previous = read_studio_json(latest)
+    harmless = {"progress", "resume", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
+                "log_every", "output_dir", "snapshot", "eval_snapshot", "model_cache"}  # fmt: skip
+    old, new = previous.get("config", {}), studio["config"]
+    changed = sorted(k for k in set(old) | set(new) if k not in harmless and old.get(k) != new.get(k))
+    for key in ("snapshot_sha256", "eval_snapshot_sha256", "span_snapshot_sha256", "world_size"):
+        if previous.get(key) != studio[key]:
+            changed.append(key)
+    if changed:
+        raise ConfigError(cfg.output_dir, changed[0],
+                          f"cannot resume {latest.name}: {', '.join(changed)} changed since it was written; "
+                          "use a new output_dir (or restore the old settings)")  # fmt: skip
+    return previous
+
+
+def _info(accelerator: Any, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def pair_scores(run: Run, sides: tuple[Side, Side], index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chosen, rejected)`` scores, each (B,), from one forward pass over 2B sequences."""
+    chosen, rejected = sides
+    encoded = [chosen.encoded[i] for i in index] + [rejected.encoded[i] for i in index]
+    ends = [chosen.ends[i] for i in index] + [rejected.ends[i] for i in index]
+    scores, _ = sequence_scores(run.model, encoded, ends, run.tokenizer.pad_token_id, run.accelerator.device)
+    return scores.chunk(2)
+
+
+def span_loss(run: Run, index: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The auxiliary span loss on span-labelled responses ``index`` (see the module docstring, step 4)."""
+    return span_batch_loss(run.model, run.spans, index, run.tokenizer.pad_token_id, run.accelerator.device)
+
+
+@torch.no_grad()
+def _score_sides(run: Run, sides: tuple[Side, Side]) -> torch.Tensor:
+    """(N, 2) chosen/rejected scores of every pair, sharded over processes, gathered."""
+    n, accelerator = len(sides[0].encoded), run.accelerator
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per = math.ceil(n / world)
+    mine = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+    out = torch.zeros(per, 2, device=accelerator.device)
+    run.model.eval()
+    for begin in range(0, per, run.cfg.eval_batch_size):
+        rows = list(range(begin, min(begin + run.cfg.eval_batch_size, per)))
+        chosen, rejected = pair_scores(run, sides, [mine[j] for j in rows])
+        out[rows] = torch.stack([chosen, rejected], dim=1).float()
+    run.model.train()
+    return accelerator.gather(out)[:n].double().cpu()
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Score every held-out pair → ``eval/…`` metrics (accuracy, loss, ECE, gap, reward mean/std)."""
+    if not run.held_out[0].encoded:
+        return {}
+    scores = _score_sides(run, run.held_out)
+    chosen, rejected = scores.unbind(1)
+    margin = torch.tensor(run.held_out_margin, dtype=torch.float64)
+    loss, stats = bradley_terry_loss(chosen, rejected, margin)
+    both = torch.cat([chosen, rejected])
+    return {
+        "eval/accuracy": float(stats["accuracy"]),
+        "eval/loss": float(loss),
+        "eval/ece": pairwise_ece(chosen - rejected),
+        "eval/margin": float(stats["reward_gap"]),
+        "eval/reward_mean": float(both.mean()),
+        "eval/reward_std": float(both.std()) if len(both) > 1 else 0.0,
+        "eval/pairs": float(len(chosen)),
+    }
+
+
+@torch.no_grad()
+def fit_normaliser(run: Run) -> dict[str, Any]:
+    """Fit the normaliser on the calibration responses (chosen and rejected) with the trained model.
+
+    Dense modes: Huber fits of the per-position mean and std of raw segment rewards
+    (:func:`trainers.normalise.fit_location_normaliser`); bandit: the global mean/std of S(y).
+    Every process computes the same fit from the same data (no communication needed).
+    """
+    encoded = [e for side in run.calibration for e in side.encoded]
+    ends = [x for side in run.calibration for x in side.ends]
+    run.model.eval()
+    positions, rewards, scores = segment_rewards_of(
+        run.model, encoded, ends, run.tokenizer.pad_token_id, run.accelerator.device, run.cfg.eval_batch_size
+    )
+    run.model.train()
+    if seg.is_bandit(run.info.threshold):
+        return fit_global_normaliser(scores).to_dict()
+    return fit_location_normaliser(positions, rewards).to_dict()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save(run: Run, step: int, metrics: dict[str, float], *, final: bool) -> Path:
+    """Write ``checkpoints/step-N`` (resumable) or ``final`` (model + fitted normaliser), main process."""
+    accelerator = run.accelerator
+    out = Path(run.cfg.output_dir)
+    dest = out / "final" if final else step_dir(out / "checkpoints", step)
+    model = accelerator.unwrap_model(run.model)
+    if accelerator.is_main_process:
+        studio = {
+            **run.studio,
+            "step": step,
+            "final": final,
+            "metrics": metrics,
+            STUDIO_KEY: run.info.to_dict(),
+        }
+        resume_state = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "step": step,
+        }
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
+            if not final:
+                torch.save(resume_state, tmp / TRAINING_STATE)
+
+        previous = find_latest_complete(out / "checkpoints")
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        write_checkpoint(
+            dest, write, studio, expected_bytes=folder_bytes(previous) if previous else 3 * params
+        )
+        if not final:
+            prune_checkpoints(out / "checkpoints", run.cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return dest
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: SegmentRewardModelConfig, *, should_stop: Callable[[int], bool] | None = None) -> TrainResult:
+    """Train (or resume) to ``total_steps``, then fit the normaliser and write ``final``.
+
+    ``should_stop(step)`` is asked after every step; True checkpoints and stops.
+    """
+    started = time.perf_counter()
+    run = setup(cfg)
+    accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
+    world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.optim.grad_accum
+    lam = cfg.spans.weight if run.spans is not None else 0.0
+    eval_metrics: dict[str, float] = {}
+    last_saved = run.resumed_from
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=RECIPE, file=sys.stderr, dynamic_ncols=True,
+               disable=not (cfg.progress and accelerator.is_main_process))  # fmt: skip
+    model.train()
+    step = run.start_step
+    try:
+        while step < run.total_steps:
+            # 1. Randomness and batch: pure functions of (seed, step), so resuming replays them exactly.
+            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+            totals: dict[str, torch.Tensor] = {}
+            for micro in range(accum):
+                index = run.sampler.micro_batch(step, rank=rank, world_size=world, micro=micro,
+                                                micro_batch_size=cfg.batch_size)  # fmt: skip
+                margin = torch.tensor([run.train_margin[i] for i in index], device=accelerator.device)
+                sync = micro == accum - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    # 2. Segment scores S(y) = mean_k v(e_k) of chosen and rejected; Bradley–Terry loss.
+                    chosen, rejected = pair_scores(run, run.train, index)
+                    loss, stats = bradley_terry_loss(chosen, rejected, margin)
+                    stats = {"bt_loss": loss.detach(), **stats}
+                    # 3. Optional human-span loss on its own batch, weighted by λ.
+                    if lam > 0:
+                        span_index = run.span_sampler.micro_batch(step, rank=rank, world_size=world, micro=micro,
+                                                                  micro_batch_size=cfg.spans.batch_size)  # fmt: skip
+                        aux, span_stats = span_loss(run, span_index)
+                        loss = loss + lam * aux
+                        stats.update(span_loss=aux.detach(), **span_stats)
+                    # 4. Backward; dividing by accum makes the summed gradient the big-batch mean.
+                    accelerator.backward(loss / accum)
+                for name, value in {"loss": loss.detach(), **stats}.items():
+                    totals[name] = totals.get(name, 0) + value / accum
+            # 5. Update: clip, step, schedule.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or math.inf)
+            check_finite(step + 1, loss=totals["loss"], grad_norm=grad_norm)
+            lr = run.scheduler.get_last_lr()[0]
+            optimizer.step()
+            run.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            # 6. Log.
+            if step % cfg.log_every == 0 or step == run.total_steps:
+                values = {
+                    f"train/{k}": float(accelerator.reduce(v.reshape(1).to(accelerator.device), "mean"))
+                    for k, v in totals.items()
+                }
+                values.update({"train/grad_norm": float(grad_norm), "train/lr": lr,
+                               "train/epoch": step / run.sampler.steps_per_epoch})  # fmt: skip
+                run.metrics.write(step, values)
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['train/accuracy']:.2f}")
+            # 7. Evaluate and checkpoint.
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+                eval_metrics = evaluate(run)
+                run.metrics.write(step, eval_metrics)
+            stop = should_stop is not None and should_stop(step)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
+                stop and step < run.total_steps
+            ):
+                last_saved = save(run, step, eval_metrics, final=False)
+            if stop and step < run.total_steps:
+                return _result(run, None, last_saved, step, eval_metrics, started, stopped=True)
+        # 8. Final evaluation, normaliser fit on the calibration split, final model.
+        eval_metrics = evaluate(run)
+        run.metrics.write(step, eval_metrics)
+        run.info.normaliser = fit_normaliser(run)
+        final = save(run, step, eval_metrics, final=True)
+        return _result(run, final, last_saved, step, eval_metrics, started, stopped=False)
+    finally:
+        bar.close()
+        run.metrics.close()
+
+
+def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics: dict[str, float],
+            started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
+    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.info, run.resumed_from, stopped,
+                       time.perf_counter() - started)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainers segment_reward_model --config cfg.yaml [--set key=value ...]``."""
+    import json
+    import signal
+    import threading
+
+    cfg, args = parse_recipe_args(SegmentRewardModelConfig, argv, prog=f"python -m trainers {RECIPE}")
+    if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+        return 0
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # checkpoint after the current step, then exit
+    result = train(cfg, should_stop=lambda _step: stop.is_set())
+    summary = {
+        "recipe": RECIPE,
+        "final_checkpoint": str(result.final_checkpoint) if result.final_checkpoint else None,
+        "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "seconds": round(result.seconds, 2),
+        "threshold": result.info.threshold,
+        "mean_segment_length": result.info.mean_segment_length,
+        "metrics": result.metrics,
+    }
+    print(json.dumps(summary))
+    return 143 if result.stopped else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
