@@ -18,6 +18,7 @@ from storage.models import (
     Assignment,
     AssignmentStatus,
     Comparison,
+    ComparisonPurpose,
     Generation,
     GuidelineVersion,
     PairwiseVote,
@@ -230,3 +231,48 @@ def project_activity(session: Session, *, project_id: int) -> dict[int, RawActiv
         r.span_sets += bool(submitted)
         r.seen(updated)
     return out
+
+
+# --------------------------------------------------------------------------- comparisons overview
+
+
+@dataclass(frozen=True)
+class ComparisonOverview:
+    """One comparison of a project as the admin's gold-marking list shows it."""
+
+    id: int
+    prompt_excerpt: str
+    """The first `excerpt_chars` characters of the prompt's text (chat prompts: their readable text)."""
+    votes: int
+    required_votes: int
+    gold_outcome: str | None
+    """a | b | tie | both_bad, or None when the comparison is not a gold item."""
+
+
+def comparison_overview(
+    session: Session, *, project_id: int, limit: int, excerpt_chars: int = 120
+) -> list[ComparisonOverview]:
+    """The project's annotation comparisons by id (at most `limit`), with their vote counts."""
+    votes = (
+        select(PairwiseVote.comparison_id, func.count().label("n"))
+        .group_by(PairwiseVote.comparison_id)
+        .subquery()
+    )
+    rows = session.exec(
+        select(
+            Comparison.id,
+            func.substr(Prompt.text, 1, excerpt_chars),
+            func.coalesce(votes.c.n, 0),
+            Comparison.required_votes,
+            Comparison.gold_outcome,
+        )
+        .join(Prompt, Prompt.id == Comparison.prompt_id)
+        .outerjoin(votes, votes.c.comparison_id == Comparison.id)
+        .where(Comparison.project_id == project_id, Comparison.purpose == ComparisonPurpose.annotate)
+        .order_by(Comparison.id)
+        .limit(limit)
+    ).all()
+    return [
+        ComparisonOverview(cid, excerpt or "", int(n), required, str(gold) if gold is not None else None)
+        for cid, excerpt, n, required, gold in rows
+    ]

@@ -455,8 +455,8 @@ def user_has_segment_claim(session: Session, *, user_id: int, generation_id: int
     return session.exec(stmt.limit(1)).first() is not None
 
 
-def comparison_taken_by_others(session: Session, *, comparison_id: int, user_id: int) -> int:
-    """Votes on the comparison plus other users' live reservations of it."""
+def comparison_taken_by_others(session: Session, *, comparison_id: int, user_id: int, now: datetime) -> int:
+    """Votes on the comparison plus other users' live (unexpired at `now`) reservations of it."""
     votes = session.exec(
         select(func.count()).select_from(PairwiseVote).where(PairwiseVote.comparison_id == comparison_id)
     ).one()
@@ -466,6 +466,7 @@ def comparison_taken_by_others(session: Session, *, comparison_id: int, user_id:
         .where(
             Assignment.comparison_id == comparison_id,
             Assignment.status == AssignmentStatus.reserved,
+            Assignment.expires_at > as_utc(now),
             Assignment.user_id != user_id,
         )
     ).one()

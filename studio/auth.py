@@ -135,7 +135,9 @@ class SessionCodec:
 
     def decode(self, value: str | None) -> Session | None:
         """The session in a cookie value, or None if it is malformed or the signature is wrong."""
-        if not value or len(value) > 512 or value.count(".") != 1:
+        # Non-ASCII (the cookie header is decoded as latin-1) would make the ASCII signing and
+        # compare_digest raise, turning a junk cookie into a 500 on every request.
+        if not value or len(value) > 512 or not value.isascii() or value.count(".") != 1:
             return None
         body, signature = value.split(".")
         if not hmac.compare_digest(signature, self._sign(body)):
@@ -157,10 +159,15 @@ class LoginThrottle:
     """At `max_failures` failed logins for one username within `window_s`, that name is locked for
     `lockout_s`: every attempt is refused (HTTP 429), the right password included.
 
+    Attempts still being checked (`start` .. `failure`/`success`) count toward `max_failures`, so
+    guesses sent in parallel are throttled like guesses sent one after another.
+
     In memory (one server process), thread-safe; the clock is injectable for tests.
     """
 
     MAX_NAMES = 10_000
+    BUSY_RETRY_S = 1.0
+    """Retry-after for an attempt refused because `max_failures` attempts are still in flight."""
 
     def __init__(
         self, max_failures: int = 5, window_s: float = 60, lockout_s: float = 60, clock: Clock = time.time
@@ -171,6 +178,7 @@ class LoginThrottle:
         self.clock = clock
         self._failures: dict[str, deque[float]] = {}
         self._locked_until: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -190,9 +198,28 @@ class LoginThrottle:
                 return None
             return until - now
 
+    def start(self, username: str) -> float | None:
+        """`retry_after`; when None, one attempt is counted in flight until `failure` or `success`."""
+        wait = self.retry_after(username)
+        if wait is not None:
+            return wait
+        key, now = self._key(username), self.clock()
+        with self._lock:
+            recent = sum(1 for t in self._failures.get(key, ()) if now - t <= self.window_s)
+            if recent + self._in_flight.get(key, 0) >= self.max_failures:
+                return self.BUSY_RETRY_S
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return None
+
+    def _done(self, key: str) -> None:
+        left = self._in_flight.pop(key, 0) - 1
+        if left > 0:
+            self._in_flight[key] = left
+
     def failure(self, username: str) -> None:
         key, now = self._key(username), self.clock()
         with self._lock:
+            self._done(key)
             if len(self._failures) >= self.MAX_NAMES:
                 self._prune(now)
             recent = self._failures.setdefault(key, deque())
@@ -203,8 +230,10 @@ class LoginThrottle:
                 self._locked_until[key] = now + self.lockout_s
 
     def success(self, username: str) -> None:
+        key = self._key(username)
         with self._lock:
-            self._failures.pop(self._key(username), None)
+            self._done(key)
+            self._failures.pop(key, None)
 
     def _prune(self, now: float) -> None:
         for key in [k for k, q in self._failures.items() if not q or now - q[-1] > self.window_s]:

@@ -229,7 +229,7 @@ def _add_pages(app: fastapi.FastAPI, auth: Auth) -> None:
     async def login(request: fastapi.Request):
         form = await request.form()
         username, password = _field(form, "username")[:200], _field(form, "password")
-        wait = auth.throttle.retry_after(username)
+        wait = auth.throttle.start(username)
         if wait is not None:
             seconds = max(1, int(wait + 0.999))
             return login_page(
@@ -238,11 +238,16 @@ def _add_pages(app: fastapi.FastAPI, auth: Auth) -> None:
                 429,
                 headers={"retry-after": str(seconds)},
             )
-        user = await run_in_threadpool(users.authenticate, username, password)
+        user = None
+        try:
+            user = await run_in_threadpool(users.authenticate, username, password)
+        finally:  # ends the attempt `start` counted in flight, also when authenticate raised
+            if user is None:
+                auth.throttle.failure(username)
+            else:
+                auth.throttle.success(username)
         if user is None:
-            auth.throttle.failure(username)
             return login_page("Wrong username or password.", username, 401)
-        auth.throttle.success(username)
         return _signed_in(request, user.id)
 
     @app.api_route("/logout", methods=["GET", "POST"], include_in_schema=False)

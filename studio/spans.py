@@ -169,6 +169,8 @@ def _one_span(i: int, span: Any, n: int, boundaries: set[int], labels: set[str])
             raise ServiceError(
                 f"span {i}: comment is {len(comment)} characters long; the limit is {MAX_COMMENT_CHARS}"
             )
+        if "\x00" in comment:  # PostgreSQL text cannot store NUL; refused on every backend alike
+            raise ServiceError(f"span {i}: comment may not contain NUL characters")
     return {"start": start, "end": end, "polarity": polarity, "label": label, "comment": comment}
 
 

@@ -56,6 +56,8 @@ DEFAULT_TTL = timedelta(minutes=30)
 MAX_TIME_SPENT_MS = 24 * 3600 * 1000
 MAX_RATIONALE_CHARS = 5000
 MAX_KEY_CHARS = 64
+RESERVED_KEY_PREFIX = "import:"
+"""Idempotency keys of imported votes (`storage.preference_store`); clients may not use them."""
 MAX_OVERLAP_K = 20
 CHOICES = ("left", "right", "tie", "both_bad")
 CANDIDATES = 64
@@ -63,6 +65,8 @@ CANDIDATES = 64
 CLAIM_TRIES = 8
 """Candidates checked under the lock before the queue is queried again there."""
 ANNOTATE = (Role.admin, Role.annotator)
+COMPARISONS_LISTED = 500
+"""Comparisons `comparisons()` lists at most (the lowest ids)."""
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,13 @@ class AnnotationService:
             raise ServiceError(f"the rationale is limited to {MAX_RATIONALE_CHARS} characters")
         if not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= MAX_KEY_CHARS:
             raise ServiceError(f"idempotency_key must be 1 to {MAX_KEY_CHARS} characters")
+        if "\x00" in idempotency_key or (rationale is not None and "\x00" in rationale):
+            # PostgreSQL text cannot hold NUL (SQLite can): refused alike on both, never a 500.
+            raise ServiceError("the rationale and idempotency_key may not contain NUL characters")
+        if idempotency_key.startswith(RESERVED_KEY_PREFIX):
+            # Keys are unique across all users: a client must not claim the predictable keys of
+            # imported votes (storage.preference_store), which would block that import for good.
+            raise ServiceError(f"idempotency keys starting with {RESERVED_KEY_PREFIX!r} are reserved")
         if time_spent_ms is not None and (
             not isinstance(time_spent_ms, int) or isinstance(time_spent_ms, bool)
         ):
@@ -363,8 +374,9 @@ class AnnotationService:
             if a.status == AssignmentStatus.skipped:
                 raise Conflict("you skipped this item; take the next one")
             expired = a.status == AssignmentStatus.expired or store.as_utc(a.expires_at) <= now
-            if expired and q.comparison_taken_by_others(s, comparison_id=comparison.id, user_id=user.id) >= (
-                comparison.required_votes
+            if expired and (
+                q.comparison_taken_by_others(s, comparison_id=comparison.id, user_id=user.id, now=now)
+                >= comparison.required_votes
             ):
                 raise Conflict(
                     "your reservation expired and the item went to someone else; take the next one"
@@ -591,6 +603,15 @@ class AnnotationService:
                 raise NotFound(f"comparison {comparison_id} does not exist")
             comparison.gold_outcome = Outcome(outcome) if outcome else None
             s.add(comparison)
+
+    def comparisons(
+        self, username: str | None, project_id: int, limit: int = COMPARISONS_LISTED
+    ) -> list[store.ComparisonOverview]:
+        """The project's comparisons by id (admin only): prompt excerpt, votes so far, gold outcome."""
+        self.users.require(username, Role.admin)
+        with self.db.read() as s:
+            self._project(s, project_id)
+            return store.comparison_overview(s, project_id=project_id, limit=limit)
 
     # ----------------------------------------------------------------------- helpers
 

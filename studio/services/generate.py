@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from sqlalchemy.exc import IntegrityError
 
 from storage import crud
+from storage.annotation_queue import overlap_selected
 from storage.db import Database
 from storage.models import Checkpoint, CheckpointKind, Project
 from studio.services.errors import ServiceError
@@ -249,15 +250,18 @@ class GenerationService:
                         continue
                     rng = random.Random(f"{params.seed}:{a.id}:{b.id}")
                     fraction, k = overlap
-                    crud.add_comparison(
+                    comparison = crud.add_comparison(
                         s,
                         project_id=project_id,
                         prompt_id=prompt.id,
                         generation_a_id=a.id,
                         generation_b_id=b.id,
                         a_on_left=rng.random() < 0.5,
-                        required_votes=k if rng.random() < fraction else 1,
                     )
+                    # The overlap share is picked by the stable hash that `set_overlap` and the
+                    # segment queue use, so the same items need k annotators whichever set them.
+                    if overlap_selected(project_id, comparison.id, fraction):
+                        comparison.required_votes = k
                     report.comparisons += 1
 
 

@@ -43,6 +43,10 @@ class ProjectInfo:
     span_labels: list[str]
     guidelines: str
     guideline_version: int | None
+    overlap_fraction: float
+    """Share of the items (0–1) that get `overlap_k` annotators; the rest get one."""
+    overlap_k: int
+    """Annotators per overlap item (set with `AnnotationService.set_overlap`)."""
 
 
 class ProjectService:
@@ -167,4 +171,6 @@ def _info(
         span_labels=list(project.span_labels or []),
         guidelines=guidelines,
         guideline_version=version,
+        overlap_fraction=float(project.overlap_fraction),
+        overlap_k=int(project.overlap_k),
     )

@@ -1,15 +1,16 @@
 """Pairwise tab: the prompt and two responses side by side, one vote, then the next item.
 
 Everything shown is plain text in read-only textboxes (never HTML). The item handed out comes with
-an assignment id; the vote's idempotency key is derived from it, so a double click, a retried request
-or a key held down records at most one vote. The annotator is `request.username`, never a form field;
-the current item lives in `gr.State` (server side, per page session) and the database keeps the
-reservation, so a refresh resumes the same item.
+an assignment id and an unguessable vote key made once per item (kept server side in gr.State), so
+a double click, a retried request or a key held down records at most one vote. The annotator is
+`request.username`, never a form field; the current item lives in `gr.State` (server side, per page
+session) and the database keeps the reservation, so a refresh resumes the same item.
 """
 
 from __future__ import annotations
 
 import html
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,17 @@ class Shown:
     comparison_id: int
     project_id: int
     shown_at: float
+    vote_key: str = ""
+    """The idempotency key of this item's vote (see `vote_key`): the same for every click on it."""
+
+
+def vote_key(assignment_id: int) -> str:
+    """A fresh idempotency key for the vote on one shown item.
+
+    Keys are unique across all users, so a key derived from the assignment id alone could be taken
+    first by another annotator through the REST API, and this user's vote would then be refused.
+    """
+    return f"vote-{assignment_id}-{secrets.token_urlsafe(12)}"
 
 
 def progress_text(progress) -> str:
@@ -122,10 +134,11 @@ def build(shared: Shared) -> dict:
             return blank(done) | active | {progress: progress_text(p)}
         same = state is not None and state.assignment_id == item.assignment_id
         started = state.shown_at if same else time.monotonic()
+        key = state.vote_key if same and state.vote_key else vote_key(item.assignment_id)
         version = f"Guidelines (version {item.guideline_version})" if item.guideline_version else "Guidelines"
         fresh = {} if same else {strength: None, rationale: ""}  # keep what was typed for the same item
         return {
-            shown: Shown(item.assignment_id, item.comparison_id, project_id, started),
+            shown: Shown(item.assignment_id, item.comparison_id, project_id, started, key),
             guidelines_box: gr.update(label=version),
             guidelines: item.guideline_text or "No guidelines yet.",
             progress: progress_text(item.progress),
@@ -174,7 +187,7 @@ def build(shared: Shared) -> dict:
                     choice,
                     strength_v or None,
                     (rationale_v or "").strip() or None,
-                    idempotency_key=f"vote-{state.assignment_id}",
+                    idempotency_key=state.vote_key or vote_key(state.assignment_id),
                     time_spent_ms=int(waited * 1000),
                 )
                 message = "Already recorded." if result.replayed else "Vote recorded."

@@ -17,7 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.services.datasets import EXPORT_KINDS, FORMATS
-from studio.tabs.common import Shared, inert, require_project, user_errors
+from studio.tabs.common import ADMIN, Shared, inert, require_project, requires, user_errors
 
 SNAPSHOT_COLUMNS = ["id", "kind", "format", "rows", "sha256", "created (UTC)", "path"]
 PROBLEM_COLUMNS = ["file", "line", "field", "code", "message"]
@@ -183,6 +183,7 @@ def build(shared: Shared) -> dict:
         return str(download_copy(Path(snapshot.path), f"snapshot-{snapshot.id}-{snapshot.kind}"))
 
     @user_errors
+    @requires(shared, ADMIN)  # before the file is touched: the `finally` below deletes it
     def import_file(project_id, path, request: gr.Request):
         project_id = require_project(project_id)
         if not path:

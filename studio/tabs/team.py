@@ -11,6 +11,7 @@ import math
 import gradio as gr
 import pandas as pd
 
+from studio.services.annotation import COMPARISONS_LISTED
 from studio.tabs.annotate import DB_CONCURRENCY
 from studio.tabs.common import Shared, inert, require_project, user_errors
 
@@ -26,6 +27,8 @@ ANNOTATOR_COLUMNS = [
     "median s",
 ]
 GOLD_OUTCOMES = [("A", "a"), ("B", "b"), ("Tie", "tie"), ("Both bad", "both_bad"), ("Not gold", "none")]
+COMPARISON_COLUMNS = ["id", "prompt", "votes / needed", "gold"]
+EXCERPT_CHARS = 80
 REFRESH_S = 20.0
 
 
@@ -93,6 +96,36 @@ def quality_text(report) -> str:
     )
 
 
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` on one line (runs of whitespace become one space), cut to `limit` characters with '…'."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def comparison_frame(rows) -> pd.DataFrame:
+    """The gold-marking list: id, prompt excerpt, votes so far / needed, gold outcome (table cells only)."""
+    names = {value: label for label, value in GOLD_OUTCOMES}
+    return pd.DataFrame(
+        [
+            [
+                r.id,
+                excerpt(r.prompt_excerpt),
+                f"{r.votes} / {r.required_votes}",
+                names.get(r.gold_outcome, "–"),
+            ]
+            for r in rows
+        ],
+        columns=COMPARISON_COLUMNS,
+    )
+
+
+def overlap_line(fraction: float, k: int) -> str:
+    """The project's current overlap settings in words (numbers only)."""
+    if k <= 1 or fraction <= 0:
+        return f"**Now:** one annotator per item (share {fraction:.0%}, k = {k})."
+    return f"**Now:** {fraction:.0%} of the items get {k} annotators; the rest get one."
+
+
 def progress_line(name: str, p) -> str:
     share = f" ({100 * p.project_done / p.project_total:.0f}%)" if p.project_total else ""
     return f"**{name}**: {p.project_done} of {p.project_total} judgements{share}"
@@ -144,9 +177,23 @@ def build(shared: Shared) -> dict:
                 label="Annotators per overlap item (k)",
                 elem_id="team-overlap-k",
             )
+        overlap_now = gr.Markdown(elem_id="team-overlap-current")
         overlap_btn = gr.Button("Save overlap settings", elem_id="team-overlap-save")
         overlap_status = gr.Markdown(elem_id="team-overlap-status")
     with gr.Accordion("Gold items: comparisons with a known answer", open=False, elem_id="team-gold"):
+        gr.Markdown(
+            f"Click a row to take its id, choose the known outcome (A and B are the comparison's own "
+            f"generations, whatever side an annotator saw them on), and save. The list shows the first "
+            f"{COMPARISONS_LISTED} comparisons of the project."
+        )
+        comparisons = gr.Dataframe(
+            headers=COMPARISON_COLUMNS,
+            interactive=False,
+            wrap=True,
+            datatype="str",
+            label="Comparisons",
+            elem_id="team-comparisons",
+        )
         with gr.Row():
             gold_id = gr.Number(label="Comparison id", precision=0, minimum=1, elem_id="team-gold-id")
             gold_outcome = gr.Radio(
@@ -158,14 +205,19 @@ def build(shared: Shared) -> dict:
     shown_project = gr.State(None)
 
     @user_errors
-    def refresh(project_id, request: gr.Request):
+    def refresh(project_id, shown, request: gr.Request):
         if project_id is None:
-            return "Choose a project first.", "", None, "", None, None
+            return "Choose a project first.", "", None, "", None, None, gr.skip(), gr.skip(), "", None
         username, project_id = request.username, int(project_id)
         rows = services.annotation.activity(username, project_id)
         pairwise = services.annotation.progress(username, project_id, task="pairwise")
         segment = services.annotation.progress(username, project_id, task="segment")
         report = services.quality.report(username, project_id)
+        listed = services.annotation.comparisons(username, project_id)
+        info = services.projects.get(project_id)
+        # The sliders take the stored settings when a project is first shown, never on a timer tick
+        # (that would undo what the admin is typing).
+        first = shown != project_id
         stamp = pd.Timestamp.now(tz="UTC").strftime("%H:%M:%S UTC")
         return (
             f"Updated {stamp}; refreshes every {REFRESH_S:.0f} s while this tab is open.",
@@ -174,49 +226,83 @@ def build(shared: Shared) -> dict:
             quality_text(report),
             annotator_frame(report.per_annotator),
             project_id,
+            info.overlap_fraction if first else gr.skip(),
+            info.overlap_k if first else gr.skip(),
+            overlap_line(info.overlap_fraction, info.overlap_k),
+            comparison_frame(listed),
         )
 
     @user_errors
     def save_overlap(project_id, fraction_v, k_v, request: gr.Request):
         project_id = require_project(project_id)
         n = services.annotation.set_overlap(request.username, project_id, float(fraction_v), int(k_v or 1))
+        info = services.projects.get(project_id)
         return (
-            f"Saved: {fraction_v:.0%} of items get {int(k_v or 1)} annotators; {n} unvoted item(s) updated."
+            f"Saved: {fraction_v:.0%} of items get {int(k_v or 1)} annotators; {n} unvoted item(s) updated.",
+            overlap_line(info.overlap_fraction, info.overlap_k),
         )
 
     @user_errors
-    def save_gold(id_v, outcome_v, request: gr.Request):
+    def save_gold(project_id, id_v, outcome_v, request: gr.Request):
         if id_v is None:
-            raise gr.Error("Enter a comparison id.")
+            raise gr.Error("Enter a comparison id (click a row of the list).")
         outcome = None if outcome_v == "none" else outcome_v
         services.annotation.set_gold(request.username, int(id_v), outcome)
         shown = "no longer gold" if outcome is None else f"gold with outcome {inert(outcome)}"
-        return f"Comparison {int(id_v)} is {shown}."
+        listed = (
+            comparison_frame(services.annotation.comparisons(request.username, int(project_id)))
+            if project_id is not None
+            else gr.skip()
+        )
+        return f"Comparison {int(id_v)} is {shown}.", listed
 
-    outputs = [updated, progress, activity, quality, annotators, shown_project]
-    refresh_btn.click(
-        refresh, [shared.project_id], outputs, concurrency_limit=DB_CONCURRENCY, api_name="team_refresh"
-    )
-    timer.tick(
-        refresh, [shared.project_id], outputs, concurrency_limit=DB_CONCURRENCY, show_progress="hidden"
-    )
+    def pick(evt: gr.SelectData):
+        """A click on a row of the list takes its comparison id (the save checks it again)."""
+        row = evt.row_value or []
+        try:
+            return int(row[0])
+        except (IndexError, TypeError, ValueError):
+            return gr.skip()
+
+    outputs = [
+        updated,
+        progress,
+        activity,
+        quality,
+        annotators,
+        shown_project,
+        fraction,
+        k,
+        overlap_now,
+        comparisons,
+    ]
+    inputs = [shared.project_id, shown_project]
+    refresh_btn.click(refresh, inputs, outputs, concurrency_limit=DB_CONCURRENCY, api_name="team_refresh")
+    timer.tick(refresh, inputs, outputs, concurrency_limit=DB_CONCURRENCY, show_progress="hidden")
     overlap_btn.click(
         save_overlap,
         [shared.project_id, fraction, k],
-        overlap_status,
+        [overlap_status, overlap_now],
         concurrency_limit=4,
         api_name="team_overlap",
     )
-    gold_btn.click(save_gold, [gold_id, gold_outcome], gold_status, concurrency_limit=4, api_name="team_gold")
+    gold_btn.click(
+        save_gold,
+        [shared.project_id, gold_id, gold_outcome],
+        [gold_status, comparisons],
+        concurrency_limit=4,
+        api_name="team_gold",
+    )
+    comparisons.select(pick, None, gold_id, queue=False)
 
     def clear(project_id, shown):
         """Another project was chosen: no numbers of the previous one stay on screen."""
         if shown is None or shown == project_id:
             return gr.skip()
-        return "Project changed: press Refresh.", "", None, "", None, None
+        return "Project changed: press Refresh.", "", None, "", None, None, gr.skip(), gr.skip(), "", None
 
     return {
-        "refresh": (refresh, [shared.project_id], outputs),
+        "refresh": (refresh, inputs, outputs),
         # Wired to the project dropdown itself: its value is the new project id.
         "clear": (clear, [shared.project_select, shown_project], outputs),
         "timer": timer,

@@ -205,6 +205,23 @@ def test_late_vote_is_kept_when_nobody_took_the_item(db, tmp_path, clock):
         assert vote.time_spent_ms == 2 * 3600 * 1000  # measured from the reservation
 
 
+def test_late_vote_is_kept_when_the_next_taker_also_let_it_expire(any_db, tmp_path, clock):
+    db = any_db
+    add_users(db, ["ann", "bob"])
+    pid, _, _ = seed_project(db, comparisons=1)
+    service = make_service(db, tmp_path, clock)
+    item = service.next_pairwise("ann", pid)
+    clock.advance(minutes=31)
+    bobs = service.next_pairwise("bob", pid)
+    assert bobs.comparison_id == item.comparison_id
+    with pytest.raises(Conflict, match="went to someone else"):  # bob's live reservation wins
+        service.submit_vote("ann", item.assignment_id, "left", None, None, "late", None)
+    clock.advance(minutes=31)  # bob's reservation is past its TTL too: nobody holds the item now
+    result = service.submit_vote("ann", item.assignment_id, "left", None, None, "late", None)
+    assert not result.replayed and count(db, m.PairwiseVote) == 1
+    assert service.next_pairwise("bob", pid) is None  # the item has its vote
+
+
 def test_nobody_is_given_an_item_they_voted_on_or_skipped(any_db, tmp_path, clock):
     add_users(any_db, ["ann", "bob"])
     pid, comparison_ids, _ = seed_project(any_db, comparisons=6, required=2)
@@ -395,6 +412,29 @@ def test_bad_vote_payloads_are_refused(db, tmp_path, args, message):
     with pytest.raises(ServiceError, match=message):
         service.submit_vote("ann", item.assignment_id, *args)
     assert count(db, m.PairwiseVote) == 0
+
+
+def test_nul_characters_and_reserved_import_keys_are_refused_on_both_backends(any_db, tmp_path):
+    # PostgreSQL text cannot hold NUL (it raised a DataError, a 500 over the API); SQLite stored it.
+    add_users(any_db, ["ann"])
+    pid, _, _ = seed_project(any_db, comparisons=1)
+    service = make_service(any_db, tmp_path)
+    item = service.next_pairwise("ann", pid)
+    for rationale, key, message in [
+        ("a\x00b", "k1", "NUL"),
+        (None, "k\x00", "NUL"),
+        # The predictable keys of imported votes: claiming one would make that file's import fail for good.
+        (None, f"import:{pid}:{'0' * 32}:1", "reserved"),
+    ]:
+        with pytest.raises(ServiceError, match=message):
+            service.submit_vote("ann", item.assignment_id, "left", None, rationale, key, 1)
+    assert count(any_db, m.PairwiseVote) == 0
+    segment = service.next_segment("ann", pid)
+    bad = [{"start": 0, "end": 1, "polarity": "bad", "label": None, "comment": "x\x00"}]
+    with pytest.raises(ServiceError, match="span 0: comment may not contain NUL"):
+        service.save_spans("ann", segment.generation_id, bad, 0)
+    assert count(any_db, m.SpanSet) == 0
+    assert service.submit_vote("ann", item.assignment_id, "left", None, "fine", "k1", 1).replayed is False
 
 
 def test_identity_and_roles(db, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import stat
 import threading
+import time
 from datetime import UTC, datetime
 
 import gradio as gr
@@ -284,6 +285,38 @@ def test_login_lockout_after_five_failures_then_recovery(db, settings, users, cl
     assert "HttpOnly" in r.headers["set-cookie"] and "SameSite=Lax" in r.headers["set-cookie"]
 
 
+def test_guesses_sent_in_parallel_are_throttled_like_sequential_ones(db, settings, users, clock, monkeypatch):
+    throttle = LoginThrottle(clock=clock.time)
+    assert all(throttle.start("root") is None for _ in range(5))
+    assert throttle.start("ROOT") == LoginThrottle.BUSY_RETRY_S  # five guesses are still being checked
+    throttle.success("root")
+    assert throttle.start("root") is None
+
+    users.create_first_admin("root", "long enough pw")
+    client, _auth = _server(db, settings, users, clock)
+    slow = users.authenticate
+
+    def authenticate(username, password):
+        time.sleep(0.3)  # every guess is in flight while the others arrive
+        return slow(username, password)
+
+    monkeypatch.setattr(users, "authenticate", authenticate)
+    answers: list[int] = []
+    start = threading.Barrier(12)
+
+    def guess(i: int) -> None:
+        start.wait()
+        answers.append(_login(client, "root", f"guess number {i}").status_code)
+
+    threads = [threading.Thread(target=guess, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(answers) == [401] * 5 + [429] * 7  # no more than five passwords were tried
+    assert _login(client, "root", "long enough pw").status_code == 429  # and now the name is locked
+
+
 def test_failures_spread_beyond_the_window_do_not_lock():
     clock = FakeClock()
     throttle = LoginThrottle(clock=clock.time)
@@ -322,6 +355,21 @@ def test_session_cookie_over_http(db, settings, users, clock):
     assert info(value).status_code == 200
     clock.advance(2)
     assert info(value).status_code == 401  # idle too long
+
+
+def test_a_cookie_with_non_ascii_bytes_is_no_session_not_a_server_error(db, settings, users, clock):
+    codec = SessionCodec(b"k" * 32)
+    value = codec.encode(Session(user_id=7, issued_at=T0, last_seen=T0))
+    body, sig = value.split(".")
+    for bad in ["é.x", f"{body}.{sig[:-1]}é", f"{body}\x80.{sig}"]:
+        assert codec.decode(bad) is None
+    users.create_first_admin("root", "long enough pw")
+    client, _auth = _server(db, settings, users, clock)
+    # Starlette decodes the Cookie header as latin-1: one stray byte reaches the codec as "é".
+    junk = f"{COOKIE_NAME}=".encode() + b"\xe9.x"
+    r = client.get("/gradio_api/info", headers={"cookie": junk})
+    assert r.status_code == 401
+    assert client.get("/", headers={"cookie": junk}).headers["location"] == "/login"
 
 
 def test_origin_check_cors_and_headers_on_a_real_hostname(db, settings, users, clock):

@@ -143,6 +143,7 @@ def span(start, end, polarity="bad", **kw):
         ([span(0, 4, polarity="neutral")], r"span 0: polarity must be 'good' or 'bad'"),
         ([span(0, 4, comment="x" * 2001)], r"span 0: comment is 2001 characters long"),
         ([span(0, 4, comment=5)], r"span 0: comment must be text"),
+        ([span(0, 4), span(5, 9, comment="a\x00b")], r"span 1: comment may not contain NUL"),
         ([{"start": 0, "polarity": "bad"}], r"span 0: end is missing"),
         ([span(0, 4), {"end": 4, "polarity": "bad"}], r"span 1: start is missing"),
         ([{"start": 0, "end": 4}], r"span 0: polarity is missing"),

@@ -95,3 +95,68 @@ def test_progress_and_number_formatting():
     assert fmt(0.123456) == "0.12" and fmt(3) == "3"
     assert fmt_interval((-0.16, 0.5)) == "[-0.16, +0.50]"
     assert fmt_interval(None) == "–"
+
+
+# --------------------------------------------------------------------------- handlers, called as Gradio would
+
+
+def _tab_events(build, db, tmp_path) -> tuple[dict, object]:
+    """Build one tab on real services; ({api_name: handler}, services)."""
+    import gradio as gr
+
+    from studio.services import Services
+    from studio.settings import Settings
+    from studio.tabs.common import Shared
+
+    services = Services.build(Settings(data_dir=tmp_path / "data", database_url="sqlite://"), db)
+    with gr.Blocks() as demo:
+        shared = Shared(services=services, project_id=gr.State(None), project_select=gr.Dropdown())
+        build(shared)
+    return {f.api_name: f.fn for f in demo.fns.values() if f.api_name}, services
+
+
+def test_pairwise_vote_key_cannot_be_taken_first_by_another_annotator(db, tmp_path):
+    from dataclasses import replace
+
+    from sqlmodel import select
+    from test_annotation import add_users, seed_project
+
+    from storage import models as m
+    from studio.tabs import annotate
+
+    events, services = _tab_events(annotate.build, db, tmp_path)
+    add_users(db, ["ann", "bob"])
+    pid, _, _ = seed_project(db, comparisons=3)
+    mine = services.annotation.next_pairwise("ann", pid)
+    # ann votes through the REST API with the key the tab would derive from bob's next assignment id.
+    guess = f"vote-{mine.assignment_id + 1}"
+    services.annotation.submit_vote("ann", mine.assignment_id, "left", None, None, guess, 1000)
+    bob = SimpleNamespace(username="bob")
+    shown = next(v for v in events["pairwise_next"](pid, None, bob).values() if isinstance(v, annotate.Shown))
+    assert shown.assignment_id == mine.assignment_id + 1
+    assert shown.vote_key.startswith(f"vote-{shown.assignment_id}-") and len(shown.vote_key) <= 64
+    shown = replace(shown, shown_at=shown.shown_at - 5)  # looked at it for 5 s
+    texts = lambda out: [v for v in out.values() if isinstance(v, str)]  # noqa: E731
+    assert "Vote recorded." in texts(events["vote_left"](pid, shown, None, "", bob))
+    assert "Already recorded." in texts(events["vote_left"](pid, shown, None, "", bob))  # double click
+    with db.read() as s:
+        votes = s.exec(
+            select(m.PairwiseVote).where(m.PairwiseVote.assignment_id == shown.assignment_id)
+        ).all()
+    assert [v.idempotency_key for v in votes] == [shown.vote_key]
+
+
+def test_datasets_import_checks_the_role_before_deleting_the_upload(db, tmp_path):
+    import gradio as gr
+    from test_annotation import add_users, seed_project
+
+    from studio.tabs import datasets
+
+    events, _ = _tab_events(datasets.build, db, tmp_path)
+    add_users(db, ["ann"])
+    pid, _, _ = seed_project(db, comparisons=1)
+    upload = tmp_path / "someone-elses-upload.jsonl"
+    upload.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(gr.Error, match="needs the admin role"):
+        events["datasets_import"](pid, str(upload), SimpleNamespace(username="ann"))
+    assert upload.exists()
