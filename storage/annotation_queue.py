@@ -11,7 +11,8 @@ and the user has not finished (voted, submitted) or skipped it. A live reservati
 marked `expired` lazily when the next reservation in the project is made.
 
 Atomicity: a claim (`comparison_open` / `generation_open`, then `add_assignment`) runs inside
-`Database.write()` after `lock_queue`. On SQLite that transaction is BEGIN IMMEDIATE, so claims
+`Database.write()` after `lock_queue`; so do the checks of a vote, a skip and a span save that
+read what others hold (`comparison_taken_by_others`, `generation_taken_by_others`). On SQLite that transaction is BEGIN IMMEDIATE, so claims
 are serialised by the database lock; on PostgreSQL `lock_queue` takes a transaction-scoped
 advisory lock per (project, task), so two concurrent claims never both see the same open slot.
 The expensive ranking query (`pairwise_queue` / `segment_queue`) may run before, in a read.
@@ -445,7 +446,7 @@ def finish_segment_assignments(session: Session, *, user_id: int, generation_id:
 
 
 def user_has_segment_claim(session: Session, *, user_id: int, generation_id: int) -> bool:
-    """Whether the user was given this generation (any assignment but a skipped one)."""
+    """Whether the user was given this generation (any assignment but a skipped one, live or not)."""
     stmt = select(Assignment.id).where(
         Assignment.user_id == user_id,
         Assignment.generation_id == generation_id,
@@ -453,6 +454,39 @@ def user_has_segment_claim(session: Session, *, user_id: int, generation_id: int
         Assignment.status != AssignmentStatus.skipped,
     )
     return session.exec(stmt.limit(1)).first() is not None
+
+
+def user_holds_segment(session: Session, *, user_id: int, generation_id: int, now: datetime) -> bool:
+    """Whether the user holds a live (reserved, unexpired at `now`) segment reservation of the generation."""
+    stmt = select(Assignment.id).where(
+        Assignment.user_id == user_id,
+        Assignment.generation_id == generation_id,
+        Assignment.task == TaskKind.segment,
+        Assignment.status == AssignmentStatus.reserved,
+        Assignment.expires_at > as_utc(now),
+    )
+    return session.exec(stmt.limit(1)).first() is not None
+
+
+def generation_taken_by_others(session: Session, *, generation_id: int, user_id: int, now: datetime) -> int:
+    """Other users' submitted span sets on the generation plus their live segment reservations of it."""
+    sets = session.exec(
+        select(func.count())
+        .select_from(SpanSet)
+        .where(SpanSet.generation_id == generation_id, SpanSet.submitted, SpanSet.user_id != user_id)
+    ).one()
+    held = session.exec(
+        select(func.count())
+        .select_from(Assignment)
+        .where(
+            Assignment.generation_id == generation_id,
+            Assignment.task == TaskKind.segment,
+            Assignment.status == AssignmentStatus.reserved,
+            Assignment.expires_at > as_utc(now),
+            Assignment.user_id != user_id,
+        )
+    ).one()
+    return sets + held
 
 
 def comparison_taken_by_others(session: Session, *, comparison_id: int, user_id: int, now: datetime) -> int:

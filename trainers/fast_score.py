@@ -151,12 +151,16 @@ def last_layer_at_score_position(model: Any, input_ids: torch.Tensor | None) -> 
 def sequence_logits(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, score_position_only: bool = True
 ) -> torch.Tensor:
-    """(N, num_labels) logits of a sequence classifier on (N, T) ids; the fast last layer where supported."""
-    scope = (
-        last_layer_at_score_position(model, input_ids) if score_position_only else contextlib.nullcontext()
-    )
-    with scope:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    """(N, num_labels) logits of a sequence classifier on (N, T) ids; the fast last layer where supported.
+
+    Models with a KV cache get ``use_cache=False`` (as TRL's RewardTrainer passes): otherwise a
+    decoder fills a DynamicCache, one K/V copy per layer, that scoring never reads.
+    """
+    config = getattr(unwrap(model), "config", None)
+    extra = {"use_cache": False} if getattr(config, "use_cache", False) else {}
+    fast = score_position_only and input_ids is not None
+    with last_layer_at_score_position(model, input_ids) if fast else contextlib.nullcontext():
+        return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 
 
 # ----------------------------------------------------------------------------- the last layers

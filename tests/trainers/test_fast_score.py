@@ -212,6 +212,7 @@ def test_the_trunk_is_still_called_once_with_the_full_batch():
     assert len(seen) == 1
     args, kwargs = seen[0]
     assert torch.equal(args[0], ids) and torch.equal(kwargs["attention_mask"], mask)
+    assert kwargs["use_cache"] is False  # no DynamicCache of every layer's K/V (TRL passes it too)
 
 
 # ----------------------------------------------------------------------------- through the recipe
