@@ -40,7 +40,15 @@ def sqlite_url(path: str | os.PathLike[str]) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20, echo: bool = False) -> Engine:
+POOL_SIZE = 10
+MAX_OVERFLOW = 20
+POOL_CAPACITY = POOL_SIZE + MAX_OVERFLOW
+"""Connections one engine opens at most (Gradio's queue limits are checked against it in the UI)."""
+
+
+def make_engine(
+    url: str, *, pool_size: int = POOL_SIZE, max_overflow: int = MAX_OVERFLOW, echo: bool = False
+) -> Engine:
     """Create an engine for a SQLite file or a PostgreSQL URL, with the studio's settings."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":

@@ -8,7 +8,7 @@ Three layers, so each can be tested on its own:
 3. `storage.exports_io.write_snapshot_folder` writes the rows (JSONL / Parquet / datasets folder)
    atomically and hashes them.
 
-Kinds (docs/datasets.md has the full column list and the reasoning):
+Kinds (storage/DATASETS.md has the full column list and the reasoning):
 - preferences: TRL explicit-prompt preference rows (`prompt`, `chosen`, `rejected`) for DPO.
 - reward: TRL implicit-prompt rows (`chosen`, `rejected` hold the whole conversation) + `margin`.
 - unpaired: TRL unpaired rows (`prompt`, `completion`, `label`) for KTO.

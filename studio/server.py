@@ -7,11 +7,14 @@ interpolated value escaped), `/healthz` (readiness, no login) and the REST API o
 when that module exists. Around everything, outermost first:
 
 1. security headers on every response (CSP, X-Frame-Options, nosniff, Referrer-Policy);
-2. an Origin check: a POST/PUT/PATCH/DELETE whose Origin header is present and not the studio's
-   own origin gets 403 (cross-site request forgery, including against Gradio's own routes);
+2. an Origin check: a POST/PUT/PATCH/DELETE whose Origin header is present and neither the
+   studio's own origin nor one of `Settings.allowed_origins` (STUDIO_ALLOWED_ORIGINS, the public
+   address behind a reverse proxy) gets 403 (cross-site request forgery, also against Gradio's routes);
 3. the session cookie (`studio.auth.SessionMiddleware`), which names the user for Gradio
    (`auth_dependency=gradio_user`) and for the API (`Depends(api_user)`);
-4. CORS with an empty allow-list, which also switches off Gradio's own, laxer CORS handling.
+4. file uploads to Gradio (`POST /gradio_api/upload`) only for admins (403 otherwise): only the
+   admin tabs take files, and anyone else could fill the disk;
+5. CORS with an empty allow-list, which also switches off Gradio's own, laxer CORS handling.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from storage.models import Role
 from studio.auth import SCOPE_USER, Auth, SessionMiddleware, clear_cookie_header, cookie_header, gradio_user
 from studio.services import Services
 from studio.services.errors import Conflict, ServiceError
@@ -66,6 +70,8 @@ SECURITY_HEADERS = {
     "cross-origin-opener-policy": "same-origin",
 }
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ADMIN_ONLY_POSTS = ("/gradio_api/upload", "/gradio_api/process_recording")
+"""Gradio routes that store files sent by the client: admins only (`AdminUploadsMiddleware`)."""
 
 
 # --------------------------------------------------------------------------- middleware
@@ -120,6 +126,33 @@ class OriginCheckMiddleware:
                     response = JSONResponse({"error": "cross-origin request refused"}, status_code=403)
                     await response(scope, receive, send)
                     return
+        await self.app(scope, receive, send)
+
+
+class AdminUploadsMiddleware:
+    """403 for a file upload to Gradio unless the signed-in user is an admin (role read from the DB).
+
+    Anonymous requests pass on: Gradio's own login check answers them with 401.
+    """
+
+    def __init__(self, app: ASGIApp, users: Any):
+        self.app = app
+        self.users = users
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        username = scope.get(SCOPE_USER)
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and username
+            and scope["path"].rstrip("/").endswith(ADMIN_ONLY_POSTS)
+        ):
+            try:
+                await run_in_threadpool(self.users.require, username, Role.admin)
+            except ServiceError:
+                response = JSONResponse({"error": "only admins may upload files"}, status_code=403)
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -336,9 +369,10 @@ def build_server(
     _add_pages(app, auth)
     _add_error_handlers(app)
     _include_api(app)
-    # Starlette runs the last added middleware first: headers → origin → session → CORS → routes.
+    # Starlette runs the last added middleware first: headers → origin → session → uploads → CORS → routes.
     app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
+    app.add_middleware(AdminUploadsMiddleware, users=services.users)
     app.add_middleware(SessionMiddleware, auth=auth)
-    app.add_middleware(OriginCheckMiddleware)
+    app.add_middleware(OriginCheckMiddleware, allowed_origins=tuple(settings.allowed_origins))
     app.add_middleware(SecurityHeadersMiddleware)
     return gr.mount_gradio_app(app, blocks, path="/", auth_dependency=gradio_user, **mount_options(settings))

@@ -9,11 +9,13 @@
 | STUDIO_HOST           | 127.0.0.1                                 | bind address                              |
 | STUDIO_PORT           | 7860                                      | port                                      |
 | STUDIO_MAX_UPLOAD_MB  | 50                                        | largest import file accepted              |
+| STUDIO_ALLOWED_ORIGINS| (none)                                    | extra origins for POSTs, comma-separated  |
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,13 @@ OFFLINE_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "GRADIO_ANALYTICS_ENABLED": "False",
 }
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#,]+")
+"""scheme://host[:port], nothing after it (an Origin header's shape)."""
+
+
+def parse_origins(raw: str | None) -> tuple[str, ...]:
+    """'https://a.example, https://b.example:8443' -> ('https://a.example', 'https://b.example:8443')."""
+    return tuple(o.strip().rstrip("/") for o in (raw or "").split(",") if o.strip())
 
 
 def set_offline_env() -> None:
@@ -48,6 +57,9 @@ class Settings:
     port: int = 7860
     max_upload_mb: int = 50
     """Largest file accepted for import, in MiB (checked before parsing)."""
+    allowed_origins: tuple[str, ...] = ()
+    """Origins (scheme://host[:port]) whose POST/PUT/PATCH/DELETE requests are accepted besides the
+    studio's own Host: the public address when a reverse proxy forwards with another Host header."""
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -56,6 +68,13 @@ class Settings:
             raise ValueError(f"STUDIO_PORT must be 1..65535, got {self.port}")
         if self.max_upload_mb < 1:
             raise ValueError(f"STUDIO_MAX_UPLOAD_MB must be >= 1, got {self.max_upload_mb}")
+        if isinstance(self.allowed_origins, str):
+            object.__setattr__(self, "allowed_origins", parse_origins(self.allowed_origins))
+        for origin in self.allowed_origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"STUDIO_ALLOWED_ORIGINS: {origin!r} is not an origin like https://studio.example.org"
+                )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -78,6 +97,7 @@ class Settings:
             "host": env.get("STUDIO_HOST") or "127.0.0.1",
             "port": _int("STUDIO_PORT", 7860),
             "max_upload_mb": _int("STUDIO_MAX_UPLOAD_MB", 50),
+            "allowed_origins": parse_origins(env.get("STUDIO_ALLOWED_ORIGINS")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -10,8 +10,19 @@ from studio.components.keys import KEYBOARD_JS
 from studio.services import Services
 from studio.settings import Settings
 from studio.tabs import annotate, browse, datasets, generate, imports, projects, segments, team, users
-from studio.tabs.common import ADMIN, ANNOTATOR, Shared, project_choices, signed_in, wire_session
+from studio.tabs.common import (
+    ADMIN,
+    ANNOTATOR,
+    DB_EVENTS,
+    UI_ONLY,
+    Shared,
+    project_choices,
+    signed_in,
+    wire_session,
+)
 
+DELETE_CACHE = (600, 3600)
+"""gr.Blocks(delete_cache=(every s, older than s)): temporary files do not pile up on the disk."""
 CSS = """
 #studio-header h1 { margin-bottom: 0; }
 #studio-header p { margin-top: 0.2em; opacity: 0.8; }
@@ -20,7 +31,8 @@ CSS = """
 
 
 def build_app(services: Services) -> gr.Blocks:
-    with gr.Blocks(title="Feedback Studio") as demo:
+    # Gradio's cache (uploads, file outputs) is swept every 10 min of files older than 1 h (R-SEC-09).
+    with gr.Blocks(title="Feedback Studio", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(
             "# Feedback Studio\nPrompts → candidate responses → human feedback → reward models and aligned "
             "policies → blind comparison.",
@@ -53,7 +65,7 @@ def build_app(services: Services) -> gr.Blocks:
                 usr = users.build(shared)
         _wire(demo, shared, proj, imp, gen, brw)
         wire_session(demo, shared, session, tabs)
-        users_tab.select(*usr["refresh"])
+        users_tab.select(*usr["refresh"], **DB_EVENTS)
         _wire_annotation(
             shared,
             {
@@ -63,7 +75,9 @@ def build_app(services: Services) -> gr.Blocks:
                 "datasets": (datasets_tab, ds),
             },
         )
-    demo.queue(default_concurrency_limit=8)
+    # Every event names its concurrency group (studio.tabs.common: DB_EVENTS, UI_ONLY, HEAVY_LIMITS);
+    # the default below only applies to one that forgot (tests/studio/test_ui_helpers.py checks).
+    demo.queue(default_concurrency_limit=1)
     return demo
 
 
@@ -94,14 +108,16 @@ def _wire(demo: gr.Blocks, shared: Shared, proj: dict, imp: dict, gen: dict, brw
             *guide_refresh(project_id),
         )
 
-    demo.load(on_load, [shared.project_id], load_outputs)
+    demo.load(on_load, [shared.project_id], load_outputs, **DB_EVENTS)
     # Choosing a project (by hand or after creating one) updates the session state and every tab.
-    shared.project_select.change(lambda v: v, shared.project_select, shared.project_id).then(
-        refresh_tabs, show_in, show_out + gen_out + guide_out
+    shared.project_select.change(lambda v: v, shared.project_select, shared.project_id, **DB_EVENTS).then(
+        refresh_tabs, show_in, show_out + gen_out + guide_out, **DB_EVENTS
     )
     after_data = [imp["imported"], gen["generated"]]
     for event in after_data:
-        event.then(show, show_in, show_out).then(lambda: projects.projects_frame(shared), None, proj["table"])
+        event.then(show, show_in, show_out, **DB_EVENTS).then(
+            lambda: projects.projects_frame(shared), None, proj["table"], **DB_EVENTS
+        )
 
 
 def _wire_annotation(shared: Shared, parts: dict[str, tuple[gr.Tab, dict]]) -> None:
@@ -110,24 +126,23 @@ def _wire_annotation(shared: Shared, parts: dict[str, tuple[gr.Tab, dict]]) -> N
     (team_tab, tm), (datasets_tab, ds) = parts["team"], parts["datasets"]
     load_pair, pair_in, pair_out = pair["load"]
     load_seg, seg_in, seg_out = seg["load"]
-    limit = pair["concurrency_limit"]
-    pairwise_tab.select(load_pair, pair_in, pair_out, concurrency_limit=limit)
-    segments_tab.select(load_seg, seg_in, seg_out, concurrency_limit=limit)
+    pairwise_tab.select(load_pair, pair_in, pair_out, **DB_EVENTS)
+    segments_tab.select(load_seg, seg_in, seg_out, **DB_EVENTS)
     refresh_team, team_in, team_out = tm["refresh"]
-    team_tab.select(refresh_team, team_in, team_out, concurrency_limit=limit).then(
-        lambda: gr.Timer(active=True), None, tm["timer"]
+    team_tab.select(refresh_team, team_in, team_out, **DB_EVENTS).then(
+        lambda: gr.Timer(active=True), None, tm["timer"], **DB_EVENTS
     )
     for tab, tab_id, _roles in shared.tabs:
         if tab_id != "team":
-            tab.select(lambda: gr.Timer(active=False), None, tm["timer"], queue=False)
-    datasets_tab.select(*ds["refresh"], concurrency_limit=limit)
+            tab.select(lambda: gr.Timer(active=False), None, tm["timer"], **UI_ONLY)
+    datasets_tab.select(*ds["refresh"], **DB_EVENTS)
 
     on_pair, on_pair_in, _ = pair["on_project"]
     on_seg, on_seg_in, _ = seg["on_project"]
-    shared.project_select.change(on_pair, on_pair_in, pair_out, concurrency_limit=limit)
-    shared.project_select.change(on_seg, on_seg_in, seg_out, queue=False)
-    shared.project_select.change(*tm["clear"], queue=False)
-    shared.project_select.change(*ds["clear"], queue=False)
+    shared.project_select.change(on_pair, on_pair_in, pair_out, **DB_EVENTS)
+    shared.project_select.change(on_seg, on_seg_in, seg_out, **UI_ONLY)
+    shared.project_select.change(*tm["clear"], **UI_ONLY)
+    shared.project_select.change(*ds["clear"], **UI_ONLY)
 
 
 def mount_options(settings: Settings) -> dict[str, Any]:

@@ -12,6 +12,10 @@
   Conflict and changes nothing.
 - `save_spans` is optimistic: the client sends the version it loaded; a stale one is a Conflict
   carrying the stored version and spans.
+- A late answer (vote or span save after the reservation's TTL) is kept while the item still has
+  room for it, and refused (Conflict) once it went to others. Votes, skips and span saves take the
+  queue lock of their (project, task), like claims, so these checks never race a claim.
+- Admin methods (overlap, gold, comparison list, activity) live in `annotation_admin`.
 """
 
 from __future__ import annotations
@@ -19,16 +23,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
-import statistics
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from storage import annotation as store
 from storage import annotation_queue as q
@@ -37,7 +39,6 @@ from storage.models import (
     Assignment,
     AssignmentStatus,
     Comparison,
-    ComparisonPurpose,
     Generation,
     Outcome,
     Project,
@@ -49,6 +50,13 @@ from storage.models import (
     utcnow,
 )
 from studio import spans as span_rules
+from studio.services.annotation_admin import (
+    COMPARISONS_LISTED,
+    MAX_OVERLAP_K,
+    ActivityRow,
+    AnnotationAdmin,
+    project_or_404,
+)
 from studio.services.errors import Conflict, NotFound, ServiceError
 from studio.settings import Settings
 
@@ -58,15 +66,12 @@ MAX_RATIONALE_CHARS = 5000
 MAX_KEY_CHARS = 64
 RESERVED_KEY_PREFIX = "import:"
 """Idempotency keys of imported votes (`storage.preference_store`); clients may not use them."""
-MAX_OVERLAP_K = 20
 CHOICES = ("left", "right", "tie", "both_bad")
 CANDIDATES = 64
 """Open items read per "next" request; one of them is claimed under the queue lock."""
 CLAIM_TRIES = 8
 """Candidates checked under the lock before the queue is queried again there."""
 ANNOTATE = (Role.admin, Role.annotator)
-COMPARISONS_LISTED = 500
-"""Comparisons `comparisons()` lists at most (the lowest ids)."""
 
 
 @dataclass(frozen=True)
@@ -133,17 +138,6 @@ class SpanSaveResult:
     spans: list[span_rules.SpanDict]
 
 
-@dataclass(frozen=True)
-class ActivityRow:
-    username: str
-    role: str
-    votes: int
-    skips: int
-    span_sets: int
-    median_seconds: float | None
-    last_active: datetime | None
-
-
 def left_is_a(comparison: Comparison, assignment_id: int) -> bool:
     """Which side generation a is shown on for this assignment: a stable per-assignment coin."""
     coin = hashlib.sha256(f"left:{assignment_id}".encode()).digest()[0] & 1
@@ -173,7 +167,7 @@ def _span_dict(row: Any) -> span_rules.SpanDict:
     }
 
 
-class AnnotationService:
+class AnnotationService(AnnotationAdmin):
     def __init__(
         self,
         db: Database,
@@ -340,6 +334,12 @@ class AnnotationService:
         assignment_id, choice, strength, rationale = payload
         now = self.clock()
         with self._write() as s:
+            a = s.get(Assignment, assignment_id)
+            if a is not None:
+                # Under the queue lock a claim cannot take the item between the checks below and
+                # the commit, and a skip of this assignment waits for the vote (PostgreSQL).
+                q.lock_queue(s, project_id=a.project_id, task=TaskKind.pairwise)
+                s.refresh(a)
             existing = store.vote_by_key(s, key)
             if existing is not None and (
                 existing.user_id != user.id or existing.assignment_id != assignment_id
@@ -347,7 +347,6 @@ class AnnotationService:
                 raise Conflict(
                     "this idempotency key was already used for a different vote; nothing was changed"
                 )
-            a = s.get(Assignment, assignment_id)
             if a is None or a.user_id != user.id or a.task != TaskKind.pairwise:
                 raise NotFound(f"assignment {assignment_id} is not one of your pairwise items")
             comparison = s.get(Comparison, a.comparison_id)
@@ -409,6 +408,8 @@ class AnnotationService:
             a = s.get(Assignment, assignment_id)
             if a is None or a.user_id != user.id:
                 raise NotFound(f"assignment {assignment_id} is not one of your items")
+            q.lock_queue(s, project_id=a.project_id, task=a.task)  # a racing vote commits first
+            s.refresh(a)
             if a.status == AssignmentStatus.skipped:
                 return
             if a.status == AssignmentStatus.done:
@@ -483,13 +484,9 @@ class AnnotationService:
     def _save_spans(self, user, generation, project, clean, version, submit) -> SpanSaveResult:
         now = self.clock()
         with self._write() as s:
+            q.lock_queue(s, project_id=project.id, task=TaskKind.segment)
             span_set = store.span_set_for(s, generation_id=generation.id, user_id=user.id)
-            if (
-                span_set is None
-                and user.role != Role.admin
-                and not q.user_has_segment_claim(s, user_id=user.id, generation_id=generation.id)
-            ):
-                raise Conflict("this response is not assigned to you; take it from the queue first")
+            self._check_segment_claim(s, user, generation.id, project.id, span_set, now)
             current = span_set.version if span_set else 0
             if version != current:
                 raise self._stale(s, generation.id, user.id)
@@ -522,6 +519,36 @@ class AnnotationService:
             return SpanSaveResult(version=new_version, spans=clean)
 
     @staticmethod
+    def _check_segment_claim(
+        s: Session, user: User, generation_id: int, project_id: int, span_set, now: datetime
+    ) -> None:
+        """Refuse a span save by a user the response is not (or no longer) open to (under the lock).
+
+        Accepted: a live reservation; an edit of the user's own submitted set (it already counts);
+        an admin working outside the queue (no assignment at all). A save on an expired
+        reservation, a skipped item with a draft, or a set taken back to a draft is accepted only
+        while others (submitted sets + live reservations) leave room under the required number.
+        """
+        claimed = q.user_has_segment_claim(s, user_id=user.id, generation_id=generation_id)
+        if not claimed and user.role == Role.admin:
+            return
+        if span_set is None and not claimed:
+            raise Conflict("this response is not assigned to you; take it from the queue first")
+        if (span_set is not None and span_set.submitted) or q.user_holds_segment(
+            s, user_id=user.id, generation_id=generation_id, now=now
+        ):
+            return
+        project = s.get(Project, project_id)  # its overlap settings as they are now
+        required = q.segment_required_votes(
+            project.id, generation_id, project.overlap_fraction, project.overlap_k
+        )
+        if q.generation_taken_by_others(s, generation_id=generation_id, user_id=user.id, now=now) >= required:
+            raise Conflict(
+                "your reservation of this response expired and it went to someone else; "
+                "nothing was saved. Take the next one"
+            )
+
+    @staticmethod
     def _stale(s: Session, generation_id: int, user_id: int) -> Conflict:
         span_set = store.span_set_for(s, generation_id=generation_id, user_id=user_id)
         current = {
@@ -545,85 +572,14 @@ class AnnotationService:
             project = self._project(s, project_id)
             return _progress(self._queue(s, user, project, TaskKind(task), self.clock()).counts)
 
-    def activity(self, username: str | None, project_id: int) -> list[ActivityRow]:
-        """Who did what in the project (admin only): every user with activity, and all active annotators."""
-        self.users.require(username, Role.admin)
-        with self.db.read() as s:
-            self._project(s, project_id)
-            raw = store.project_activity(s, project_id=project_id)
-            people = s.exec(
-                select(User).where(
-                    sa.or_(User.id.in_(list(raw)), sa.and_(User.role == Role.annotator, User.is_active))
-                )
-            ).all()
-        rows = []
-        for person in people:
-            r = raw.get(person.id) or store.RawActivity(vote_ms=[])
-            rows.append(
-                ActivityRow(
-                    username=person.username,
-                    role=str(person.role),
-                    votes=r.votes,
-                    skips=r.skips,
-                    span_sets=r.span_sets,
-                    median_seconds=statistics.median(r.vote_ms) / 1000 if r.vote_ms else None,
-                    last_active=store.as_utc(r.last_active),
-                )
-            )
-        return sorted(rows, key=lambda row: row.username)
-
-    # ----------------------------------------------------------------------- admin settings
-
-    def set_overlap(self, username: str | None, project_id: int, fraction: float, k: int) -> int:
-        """Set the project's overlap share and k; re-derive required votes of unvoted comparisons.
-
-        Returns how many comparisons were re-derived. Comparisons with votes keep their number.
-        """
-        self.users.require(username, Role.admin)
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
-            raise ServiceError(f"the overlap share must be between 0 and 1, got {fraction!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_OVERLAP_K:
-            raise ServiceError(f"overlap k must be an integer from 1 to {MAX_OVERLAP_K}, got {k!r}")
-        with self._write() as s:
-            project = self._project(s, project_id)
-            project.overlap_fraction = float(fraction)
-            project.overlap_k = k
-            s.add(project)
-            s.flush()
-            return q.set_required_votes_where_unvoted(s, project_id=project_id, fraction=float(fraction), k=k)
-
-    def set_gold(self, username: str | None, comparison_id: int, outcome: str | None) -> None:
-        """Mark a comparison as gold with its known outcome (a|b|tie|both_bad), or unmark it (None)."""
-        self.users.require(username, Role.admin)
-        if outcome not in (None, *(o.value for o in Outcome)):
-            raise ServiceError(f"a gold outcome is a, b, tie or both_bad, got {outcome!r}")
-        with self._write() as s:
-            comparison = s.get(Comparison, comparison_id)
-            if comparison is None or comparison.purpose != ComparisonPurpose.annotate:
-                raise NotFound(f"comparison {comparison_id} does not exist")
-            comparison.gold_outcome = Outcome(outcome) if outcome else None
-            s.add(comparison)
-
-    def comparisons(
-        self, username: str | None, project_id: int, limit: int = COMPARISONS_LISTED
-    ) -> list[store.ComparisonOverview]:
-        """The project's comparisons by id (admin only): prompt excerpt, votes so far, gold outcome."""
-        self.users.require(username, Role.admin)
-        with self.db.read() as s:
-            self._project(s, project_id)
-            return store.comparison_overview(s, project_id=project_id, limit=limit)
-
     # ----------------------------------------------------------------------- helpers
 
-    @staticmethod
-    def _project(s: Session, project_id: int) -> Project:
-        project = s.get(Project, project_id) if isinstance(project_id, int) else None
-        if project is None:
-            raise NotFound(f"project {project_id} does not exist")
-        return project
+    _project = staticmethod(project_or_404)
 
 
 __all__ = [
+    "COMPARISONS_LISTED",
+    "MAX_OVERLAP_K",
     "ActivityRow",
     "AnnotationService",
     "PairwiseItem",

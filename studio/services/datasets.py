@@ -5,7 +5,7 @@
 written atomically, and records a DatasetSnapshot row per kind with its sha256 and counts.
 `import_preferences` reads JSONL / Parquet / a datasets folder (or a .zip of one) in TRL's
 preference formats; any blocking problem means nothing is written. Formats and the mapping of
-ties, both-bad and strength: docs/datasets.md.
+ties, both-bad and strength: storage/DATASETS.md.
 """
 
 from __future__ import annotations

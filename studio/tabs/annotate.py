@@ -18,14 +18,12 @@ import gradio as gr
 
 from studio.services import ServiceError
 from studio.services.errors import Forbidden, Unauthorized
-from studio.tabs.common import ADMIN, Shared, inert, signed_in
+from studio.tabs.common import ADMIN, DB_EVENTS, Shared, inert, signed_in
 
 STRENGTHS = [("slightly", "slight"), ("clearly", "clear"), ("much", "much")]
 MIN_VIEW_S = 0.5
 """A vote arriving sooner than this after its item appeared is not recorded (an accidental double click
 or key press that landed on the item that had just replaced the voted one)."""
-DB_CONCURRENCY = 16
-"""Queue slots for the cheap database events of this tab (each takes a few milliseconds)."""
 VOTES = [
     ("A is better [1]", "vote-a", "left"),
     ("B is better [2]", "vote-b", "right"),
@@ -208,12 +206,10 @@ def build(shared: Shared) -> dict:
             inputs,
             outputs,
             trigger_mode="once",
-            concurrency_limit=DB_CONCURRENCY,
             api_name="skip" if choice == "skip" else f"vote_{choice}",
+            **DB_EVENTS,
         )
-    load_btn.click(
-        load, [shared.project_id, shown], outputs, concurrency_limit=DB_CONCURRENCY, api_name="pairwise_next"
-    )
+    load_btn.click(load, [shared.project_id, shown], outputs, api_name="pairwise_next", **DB_EVENTS)
 
     def on_project(project_id, state: Shown | None, request: gr.Request) -> dict:
         """Annotators get their next item of the newly chosen project at once (the Pairwise tab is their
@@ -228,5 +224,4 @@ def build(shared: Shared) -> dict:
         "load": (load, [shared.project_id, shown], outputs),
         # Wired to the project dropdown itself: its value is the new project id.
         "on_project": (on_project, [shared.project_select, shown], outputs),
-        "concurrency_limit": DB_CONCURRENCY,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio.tabs.common import ADMIN, Shared, require_project, requires, user_errors
+from studio.tabs.common import ADMIN, DB_EVENTS, Shared, require_project, requires, user_errors
 
 PROMPT_COLUMNS = ["id", "external id", "kind", "tags", "responses", "prompt"]
 RESPONSE_COLUMNS = ["#", "model", "sample", "response", "tokens", "finish", "settings"]
@@ -114,12 +114,14 @@ def build(shared: Shared) -> dict:
     def next_page(p, q, t, n, request: gr.Request):
         return show(p, q, t, (n or 1) + 1, request)
 
-    query.submit(first_page, inputs, outputs, api_name="browse_search")
-    tag.change(first_page, inputs, outputs, api_name="browse_tag")
-    page.submit(show, inputs, outputs, api_name="browse_page")
-    prev_btn.click(previous_page, inputs, outputs, api_name="browse_previous")
-    next_btn.click(next_page, inputs, outputs, api_name="browse_next")
-    table.select(select, [shared.project_id, row_ids], [prompt_box, responses], api_name="browse_detail")
+    query.submit(first_page, inputs, outputs, api_name="browse_search", **DB_EVENTS)
+    tag.change(first_page, inputs, outputs, api_name="browse_tag", **DB_EVENTS)
+    page.submit(show, inputs, outputs, api_name="browse_page", **DB_EVENTS)
+    prev_btn.click(previous_page, inputs, outputs, api_name="browse_previous", **DB_EVENTS)
+    next_btn.click(next_page, inputs, outputs, api_name="browse_next", **DB_EVENTS)
+    table.select(
+        select, [shared.project_id, row_ids], [prompt_box, responses], api_name="browse_detail", **DB_EVENTS
+    )
     return {"refresh": (show, inputs, outputs)}
 
 

@@ -15,6 +15,20 @@ from studio.services import ServiceError, Services
 from studio.services.errors import Forbidden, Unauthorized
 
 ADMIN, ANNOTATOR, RATER = "admin", "annotator", "rater"
+
+# Concurrency (R-DB-04). Every event says where it runs: Gradio gives each event without a
+# `concurrency_id` its own queue slots, and their sum would exceed the database pool.
+DB_CONCURRENCY = 16
+"""Queue slots shared by all events that touch the database (one group, `concurrency_id="db"`)."""
+DB_EVENTS = {"concurrency_id": "db", "concurrency_limit": DB_CONCURRENCY}
+"""`**DB_EVENTS` on an event that reads or writes the database (most of them)."""
+UI_ONLY = {"queue": False, "concurrency_id": "ui"}
+"""`**UI_ONLY` on an event that never touches the database: it runs outside the queue."""
+HEAVY_LIMITS = {"model": 1, "datasets": 2}
+"""Other queue groups: generation (`generate`), snapshot export/download/import (`datasets`)."""
+REST_HEADROOM = 10
+"""Pool connections (of `storage.db.POOL_CAPACITY`) left for REST requests and background work:
+the queue groups' limits add up to at most the rest (tests/studio/test_ui_helpers.py checks)."""
 _TAB_ID = re.compile(r"[a-z0-9_-]{1,40}")
 
 
@@ -169,4 +183,4 @@ def wire_session(demo: gr.Blocks, shared: Shared, line: gr.HTML, tabs: gr.Tabs) 
             *[gr.update(visible=v) for v in visible],
         )
 
-    demo.load(on_load, None, [line, tabs, *[tab for tab, _id, _roles in shared.tabs]], queue=False)
+    demo.load(on_load, None, [line, tabs, *[tab for tab, _id, _roles in shared.tabs]], **DB_EVENTS)

@@ -17,7 +17,16 @@ import gradio as gr
 import pandas as pd
 
 from studio.services.datasets import EXPORT_KINDS, FORMATS
-from studio.tabs.common import ADMIN, Shared, inert, require_project, requires, user_errors
+from studio.tabs.common import (
+    ADMIN,
+    DB_EVENTS,
+    HEAVY_LIMITS,
+    Shared,
+    inert,
+    require_project,
+    requires,
+    user_errors,
+)
 
 SNAPSHOT_COLUMNS = ["id", "kind", "format", "rows", "sha256", "created (UTC)", "path"]
 PROBLEM_COLUMNS = ["file", "line", "field", "code", "message"]
@@ -30,7 +39,7 @@ KIND_HELP = """\
 `margin` from vote strength; `unpaired` — prompt / completion / label (KTO); `segments` — responses with
 good/bad spans (code-point offsets); `stepwise` — the segments as steps; `votes` — every raw vote;
 `prompts` — the prompts. Formats: JSONL (canonical), Parquet, or a Hugging Face `datasets` folder (zipped for
-download). Every snapshot records its sha256 and row count. Details: docs/datasets.md.
+download). Every snapshot records its sha256 and row count. Details: storage/DATASETS.md.
 """
 
 
@@ -209,7 +218,7 @@ def build(shared: Shared) -> dict:
         export,
         [shared.project_id, kinds, fmt, min_votes, min_agreement, include_ties],
         [export_result, export_files, snapshots, shown_project],
-        concurrency_limit=2,
+        concurrency_limit=HEAVY_LIMITS["datasets"],
         concurrency_id="datasets",
         api_name="datasets_export",
     )
@@ -217,14 +226,14 @@ def build(shared: Shared) -> dict:
         list_snapshots,
         [shared.project_id],
         [snapshots, shown_project],
-        concurrency_limit=8,
         api_name="datasets_list",
+        **DB_EVENTS,
     )
     download_btn.click(
         download,
         [shared.project_id, snapshot_id],
         download_file,
-        concurrency_limit=2,
+        concurrency_limit=HEAVY_LIMITS["datasets"],
         concurrency_id="datasets",
         api_name="datasets_download",
     )
@@ -232,7 +241,7 @@ def build(shared: Shared) -> dict:
         import_file,
         [shared.project_id, upload],
         [import_result, problems, upload],
-        concurrency_limit=2,
+        concurrency_limit=HEAVY_LIMITS["datasets"],
         concurrency_id="datasets",
         api_name="datasets_import",
     )

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.tabs.common import ADMIN, Shared, inert, require_project, requires, user_errors
+from studio.tabs.common import (
+    ADMIN,
+    DB_EVENTS,
+    HEAVY_LIMITS,
+    UI_ONLY,
+    Shared,
+    inert,
+    require_project,
+    requires,
+    user_errors,
+)
 
 PAIRINGS = [
     ("Two samples of one model", "two_samples"),
@@ -128,9 +138,13 @@ def build(shared: Shared) -> dict:
         )
         return inert(report.summary())
 
-    pairing.change(lambda v: gr.update(visible=v == "two_checkpoints"), pairing, second)
+    pairing.change(lambda v: gr.update(visible=v == "two_checkpoints"), pairing, second, **UI_ONLY)
     add_btn.click(
-        add_model, [shared.project_id, ref, ref_name], [model, second, result], api_name="add_model"
+        add_model,
+        [shared.project_id, ref, ref_name],
+        [model, second, result],
+        api_name="add_model",
+        **DB_EVENTS,
     )
     generated = run_btn.click(
         run,
@@ -152,6 +166,6 @@ def build(shared: Shared) -> dict:
         result,
         api_name="generate",
         concurrency_id="model",
-        concurrency_limit=1,
+        concurrency_limit=HEAVY_LIMITS["model"],
     )
     return {"refresh": (refresh, [shared.project_id], [model, second, tag]), "generated": generated}

@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.services.prompts import write_problems_json
-from studio.tabs.common import ADMIN, Shared, inert, require_project, requires, user_errors
+from studio.tabs.common import ADMIN, DB_EVENTS, Shared, inert, require_project, requires, user_errors
 
 PROBLEM_COLUMNS = ["line", "field", "code", "message"]
 MAX_SHOWN = 100
@@ -98,5 +98,6 @@ def build(shared: Shared) -> dict:
         [shared.project_id, upload, mode, policy],
         [result, problems, problems_file, upload],
         api_name="import_prompts",
+        **DB_EVENTS,
     )
     return {"imported": event}

@@ -5,7 +5,16 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from studio.tabs.common import ADMIN, Shared, inert, project_choices, require_project, requires, user_errors
+from studio.tabs.common import (
+    ADMIN,
+    DB_EVENTS,
+    Shared,
+    inert,
+    project_choices,
+    require_project,
+    requires,
+    user_errors,
+)
 
 COLUMNS = ["id", "name", "prompts", "responses", "pairs", "guidelines", "description"]
 
@@ -92,9 +101,13 @@ def build(shared: Shared) -> dict:
         return f"Saved guidelines version {n}; every annotation records the version it saw."
 
     outputs = [shared.project_select, shared.project_id, table, status, demo_offer]
-    create_btn.click(create, [name, description, guidelines, labels], outputs, api_name="create_project")
-    demo_btn.click(create_demo, None, outputs, api_name="create_demo")
-    save_btn.click(save_guidelines, [shared.project_id, current], version, api_name="save_guidelines")
+    create_btn.click(
+        create, [name, description, guidelines, labels], outputs, api_name="create_project", **DB_EVENTS
+    )
+    demo_btn.click(create_demo, None, outputs, api_name="create_demo", **DB_EVENTS)
+    save_btn.click(
+        save_guidelines, [shared.project_id, current], version, api_name="save_guidelines", **DB_EVENTS
+    )
     return {
         "table": table,
         "demo_offer": demo_offer,

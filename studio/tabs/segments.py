@@ -16,8 +16,8 @@ import gradio as gr
 from studio.components.span_picker import SpanPicker, picker_value, spans_of
 from studio.services import ServiceError
 from studio.services.errors import Conflict
-from studio.tabs.annotate import DB_CONCURRENCY, progress_text, raise_auth_errors
-from studio.tabs.common import Shared, inert
+from studio.tabs.annotate import progress_text, raise_auth_errors
+from studio.tabs.common import DB_EVENTS, Shared, inert
 
 CONFLICT_MESSAGE = (
     "This response was changed elsewhere — reloaded the latest version. Check it, then save again."
@@ -127,7 +127,9 @@ def build(shared: Shared) -> dict:
                 username, state.generation_id, spans, state.version, submit, offsets="codepoint"
             )
         except Conflict as exc:
-            current = exc.current if isinstance(exc.current, dict) else {}
+            if not isinstance(exc.current, dict):  # not a version clash: the response is no longer theirs
+                return {status: inert(str(exc))}
+            current = exc.current
             return {
                 marking: replace(state, version=int(current.get("version", state.version))),
                 picker: picker_value(state.text, current.get("spans", []), state.labels, suggestions),
@@ -159,20 +161,18 @@ def build(shared: Shared) -> dict:
         [marking, picker],
         outputs,
         trigger_mode="once",
-        concurrency_limit=DB_CONCURRENCY,
         api_name="spans_save",
+        **DB_EVENTS,
     )
     submit_btn.click(
         submit,
         [marking, picker],
         outputs,
         trigger_mode="once",
-        concurrency_limit=DB_CONCURRENCY,
         api_name="spans_submit",
+        **DB_EVENTS,
     )
-    load_btn.click(
-        load, [shared.project_id], outputs, concurrency_limit=DB_CONCURRENCY, api_name="segments_next"
-    )
+    load_btn.click(load, [shared.project_id], outputs, api_name="segments_next", **DB_EVENTS)
 
     def on_project(project_id, state: Marking | None):
         """A project change clears a response of another project (opening the tab loads the next one)."""

@@ -12,8 +12,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.services.annotation import COMPARISONS_LISTED
-from studio.tabs.annotate import DB_CONCURRENCY
-from studio.tabs.common import Shared, inert, require_project, user_errors
+from studio.tabs.common import DB_EVENTS, UI_ONLY, Shared, inert, require_project, user_errors
 
 ACTIVITY_COLUMNS = ["user", "role", "votes", "skips", "span sets", "median s / vote", "last active (UTC)"]
 ANNOTATOR_COLUMNS = [
@@ -247,7 +246,8 @@ def build(shared: Shared) -> dict:
         if id_v is None:
             raise gr.Error("Enter a comparison id (click a row of the list).")
         outcome = None if outcome_v == "none" else outcome_v
-        services.annotation.set_gold(request.username, int(id_v), outcome)
+        pid = None if project_id is None else int(project_id)  # a comparison of another project: NotFound
+        services.annotation.set_gold(request.username, int(id_v), outcome, project_id=pid)
         shown = "no longer gold" if outcome is None else f"gold with outcome {inert(outcome)}"
         listed = (
             comparison_frame(services.annotation.comparisons(request.username, int(project_id)))
@@ -277,23 +277,23 @@ def build(shared: Shared) -> dict:
         comparisons,
     ]
     inputs = [shared.project_id, shown_project]
-    refresh_btn.click(refresh, inputs, outputs, concurrency_limit=DB_CONCURRENCY, api_name="team_refresh")
-    timer.tick(refresh, inputs, outputs, concurrency_limit=DB_CONCURRENCY, show_progress="hidden")
+    refresh_btn.click(refresh, inputs, outputs, api_name="team_refresh", **DB_EVENTS)
+    timer.tick(refresh, inputs, outputs, show_progress="hidden", **DB_EVENTS)
     overlap_btn.click(
         save_overlap,
         [shared.project_id, fraction, k],
         [overlap_status, overlap_now],
-        concurrency_limit=4,
         api_name="team_overlap",
+        **DB_EVENTS,
     )
     gold_btn.click(
         save_gold,
         [shared.project_id, gold_id, gold_outcome],
         [gold_status, comparisons],
-        concurrency_limit=4,
         api_name="team_gold",
+        **DB_EVENTS,
     )
-    comparisons.select(pick, None, gold_id, queue=False)
+    comparisons.select(pick, None, gold_id, **UI_ONLY)
 
     def clear(project_id, shown):
         """Another project was chosen: no numbers of the previous one stay on screen."""

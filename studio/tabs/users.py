@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.services.users import ROLES
-from studio.tabs.common import ADMIN, Shared, inert, requires, user_errors
+from studio.tabs.common import ADMIN, DB_EVENTS, Shared, inert, requires, user_errors
 
 COLUMNS = ["username", "role", "active", "created", "last sign-in"]
 
@@ -107,12 +107,18 @@ def build(shared: Shared) -> dict:
         return handler
 
     outputs = [table, who, status]
-    refresh_btn.click(refresh, None, outputs, api_name="users_refresh")
+    refresh_btn.click(refresh, None, outputs, api_name="users_refresh", **DB_EVENTS)
     add_btn.click(
-        add, [new_name, new_role, new_password], [*outputs, new_name, new_password], api_name="users_add"
+        add,
+        [new_name, new_role, new_password],
+        [*outputs, new_name, new_password],
+        api_name="users_add",
+        **DB_EVENTS,
     )
-    role_btn.click(set_role, [who, role], outputs, api_name="users_set_role")
-    password_btn.click(set_password, [who, password], [*outputs, password], api_name="users_set_password")
-    deactivate_btn.click(set_active(False), [who], outputs, api_name="users_deactivate")
-    activate_btn.click(set_active(True), [who], outputs, api_name="users_activate")
+    role_btn.click(set_role, [who, role], outputs, api_name="users_set_role", **DB_EVENTS)
+    password_btn.click(
+        set_password, [who, password], [*outputs, password], api_name="users_set_password", **DB_EVENTS
+    )
+    deactivate_btn.click(set_active(False), [who], outputs, api_name="users_deactivate", **DB_EVENTS)
+    activate_btn.click(set_active(True), [who], outputs, api_name="users_activate", **DB_EVENTS)
     return {"refresh": (refresh, [], outputs)}

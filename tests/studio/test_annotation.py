@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlmodel import func, select
 
+from storage import annotation as annotation_store
+from storage import annotation_queue as queue_store
 from storage import crud
 from storage import models as m
 from storage import users as user_crud
@@ -162,6 +164,90 @@ def test_concurrent_requests_respect_overlap_k(any_db: Database, tmp_path):
     per_item = Counter(c for c, _ in votes)
     assert per_item == dict.fromkeys(comparison_ids, 2)
     assert len(set(votes)) == len(votes) == 24
+
+
+HOLD_S = 1.5
+"""How long a paused transaction waits for the racing request before it commits anyway."""
+
+
+def race(first, pause_hook: threading.Event, second, release: threading.Event):
+    """Run `first` in a thread until it signals `pause_hook` (inside its open transaction), then `second`.
+
+    `first`'s transaction waits (up to HOLD_S) for `release`, which is set when `second` returns. A
+    request that takes the queue lock therefore waits for `first` to commit; one that does not
+    finishes while `first` is still open. Returns (first's result, second's result or exception).
+    """
+
+    def run_second():
+        try:
+            return second()
+        except Conflict as exc:
+            return exc
+        finally:
+            release.set()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        one = pool.submit(first)
+        assert pause_hook.wait(timeout=30)
+        two = pool.submit(run_second)
+        return one.result(timeout=60), two.result(timeout=60)
+
+
+def test_a_late_vote_and_a_racing_claim_never_exceed_the_required_votes(any_db, tmp_path, clock, monkeypatch):
+    """R-DB-05 on an expired reservation: the vote's checks and a claim are serialised by the queue lock."""
+    add_users(any_db, ["ann", "bob"])
+    pid, _, _ = seed_project(any_db, comparisons=1)
+    service = make_service(any_db, tmp_path, clock)
+    item = service.next_pairwise("ann", pid)
+    clock.advance(minutes=31)  # ann's reservation lapsed; nobody else holds the item yet
+    in_vote, bob_done = threading.Event(), threading.Event()
+    real_add_vote = annotation_store.add_vote
+
+    def add_vote_and_hold(*args, **kw):
+        vote = real_add_vote(*args, **kw)
+        in_vote.set()
+        bob_done.wait(timeout=HOLD_S)
+        return vote
+
+    monkeypatch.setattr(annotation_store, "add_vote", add_vote_and_hold)
+    vote, bobs = race(
+        lambda: service.submit_vote("ann", item.assignment_id, "left", None, None, "late", None),
+        in_vote,
+        lambda: service.next_pairwise("bob", pid),
+        bob_done,
+    )
+    assert not vote.replayed
+    assert bobs is None  # the late vote filled the item; the claim saw it
+    assert count(any_db, m.PairwiseVote) == 1
+    assert count(any_db, m.Assignment, m.Assignment.status == m.AssignmentStatus.reserved) == 0
+
+
+def test_a_skip_racing_a_vote_never_leaves_a_vote_on_a_skipped_assignment(any_db, tmp_path, monkeypatch):
+    add_users(any_db, ["ann"])
+    pid, _, _ = seed_project(any_db, comparisons=2)
+    service = make_service(any_db, tmp_path)
+    item = service.next_pairwise("ann", pid)
+    in_vote, skip_done = threading.Event(), threading.Event()
+    real_finish = queue_store.finish_assignment
+
+    def finish_and_hold(session, assignment, *, status, now):
+        real_finish(session, assignment, status=status, now=now)
+        if status == m.AssignmentStatus.done:
+            in_vote.set()
+            skip_done.wait(timeout=HOLD_S)
+
+    monkeypatch.setattr(queue_store, "finish_assignment", finish_and_hold)
+    vote, skipped = race(
+        lambda: service.submit_vote("ann", item.assignment_id, "tie", None, None, "k", 5),
+        in_vote,
+        lambda: service.skip("ann", item.assignment_id),
+        skip_done,
+    )
+    assert not vote.replayed
+    assert isinstance(skipped, Conflict) and "already done" in str(skipped)
+    with any_db.read() as s:
+        assert s.get(m.Assignment, item.assignment_id).status == m.AssignmentStatus.done
+    assert count(any_db, m.PairwiseVote) == 1
 
 
 # --------------------------------------------------------------------------- queue rules
@@ -471,6 +557,19 @@ def test_identity_and_roles(db, tmp_path):
         service.set_gold("root", cid, "left")
     with db.read() as s:
         assert s.get(m.Comparison, cid).gold_outcome is None
+
+
+def test_set_gold_checks_the_comparison_belongs_to_the_project(db, tmp_path):
+    add_users(db, ["root"], role=m.Role.admin)
+    pid, (cid,), _ = seed_project(db, comparisons=1)
+    _other, (other_cid,), _ = seed_project(db, comparisons=1)
+    service = make_service(db, tmp_path)
+    with pytest.raises(NotFound, match=f"not in project {pid}"):
+        service.set_gold("root", other_cid, "a", project_id=pid)
+    service.set_gold("root", cid, "tie", project_id=pid)
+    with db.read() as s:
+        assert s.get(m.Comparison, other_cid).gold_outcome is None
+        assert s.get(m.Comparison, cid).gold_outcome == "tie"
 
 
 def test_skip_rules(db, tmp_path):

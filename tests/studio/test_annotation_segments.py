@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlmodel import select
-from test_annotation import Clock, add_users, count, make_service, seed_project
+from test_annotation import HOLD_S, Clock, add_users, count, make_service, race, seed_project
 
+from storage import annotation as annotation_store
 from storage import crud
 from storage import models as m
 from storage.annotation_queue import segment_required_votes
@@ -158,3 +159,88 @@ def test_segment_overlap_drafts_first_and_suggestions(any_db, tmp_path, clock):
     need = {g: segment_required_votes(pid, g, 0.5, 2) for g in gids}
     assert Counter(sets) == need
     assert 1 < sum(need.values()) - len(gids) < len(gids)  # some, not all, needed two
+
+
+# --------------------------------------------------------------------------- late saves (expired claims)
+
+
+def test_expired_segment_claim_is_refused_once_someone_else_took_the_response(any_db, tmp_path, clock):
+    add_users(any_db, ["ann", "bob"])
+    pid, _, (gid,) = seed_project(any_db, generations=1, texts=("some words to mark",))
+    service = make_service(any_db, tmp_path, clock)
+    span = {"start": 0, "end": 4, "polarity": "good"}
+    ann = service.next_segment("ann", pid)
+    assert ann.generation_id == gid
+    clock.advance(minutes=31)  # ann walked away: past the TTL
+    bob = service.next_segment("bob", pid)
+    assert bob is not None and bob.generation_id == gid
+    for submit in (False, True):
+        with pytest.raises(Conflict, match="expired and it went to someone else") as info:
+            service.save_spans("ann", gid, [span], 0, submit=submit)
+        assert info.value.current is None
+    service.save_spans("bob", gid, [span], 0, submit=True)
+    with pytest.raises(Conflict, match="went to someone else"):  # bob's submission fills it now
+        service.save_spans("ann", gid, [span], 0, submit=True)
+    with any_db.read() as s:
+        sets = s.exec(select(m.SpanSet.user_id).where(m.SpanSet.submitted)).all()
+    assert len(sets) == 1  # one span set was required; only bob's exists
+
+
+def test_expired_draft_cannot_be_submitted_after_the_response_went_to_someone_else(any_db, tmp_path, clock):
+    add_users(any_db, ["ann", "bob"])
+    pid, _, (gid,) = seed_project(any_db, generations=1, texts=("some words to mark",))
+    service = make_service(any_db, tmp_path, clock)
+    service.next_segment("ann", pid)
+    draft = service.save_spans("ann", gid, [{"start": 0, "end": 4, "polarity": "bad"}], 0)
+    clock.advance(hours=1)
+    assert service.next_segment("bob", pid).generation_id == gid  # ann's draft does not hold the item
+    with pytest.raises(Conflict, match="went to someone else"):
+        service.save_spans("ann", gid, [], draft.version, submit=True)
+    service.save_spans("bob", gid, [], 0, submit=True)
+    assert count(any_db, m.SpanSet, m.SpanSet.submitted) == 1
+
+
+def test_late_span_save_is_kept_when_nobody_else_holds_the_response(any_db, tmp_path, clock):
+    add_users(any_db, ["ann", "bob"])
+    pid, _, (gid,) = seed_project(any_db, generations=1, texts=("some words to mark",))
+    service = make_service(any_db, tmp_path, clock)
+    service.next_segment("ann", pid)
+    clock.advance(hours=2)  # expired, but nobody took it
+    first = service.save_spans("ann", gid, [{"start": 0, "end": 4, "polarity": "good"}], 0)
+    assert first.version == 1
+    clock.advance(minutes=31)
+    assert service.next_segment("bob", pid).generation_id == gid
+    clock.advance(minutes=31)  # bob let it expire too: nobody holds it now
+    final = service.save_spans("ann", gid, [], first.version, submit=True)
+    assert final.version == 2
+    assert service.next_segment("bob", pid) is None  # the response has its one span set
+    # editing one's own submitted set stays possible, whoever holds the item
+    assert service.save_spans("ann", gid, [], final.version, submit=True).version == 3
+
+
+def test_a_late_span_submit_and_a_racing_claim_never_exceed_the_required_sets(
+    any_db, tmp_path, clock, monkeypatch
+):
+    add_users(any_db, ["ann", "bob"])
+    pid, _, (gid,) = seed_project(any_db, generations=1, texts=("some words to mark",))
+    service = make_service(any_db, tmp_path, clock)
+    service.next_segment("ann", pid)
+    clock.advance(minutes=31)  # ann's reservation lapsed; nobody else holds the response yet
+    in_save, bob_done = threading.Event(), threading.Event()
+    real_replace = annotation_store.replace_spans
+
+    def replace_and_hold(*args, **kw):  # before ann's assignment row is touched (no row lock yet)
+        real_replace(*args, **kw)
+        in_save.set()
+        bob_done.wait(timeout=HOLD_S)
+
+    monkeypatch.setattr(annotation_store, "replace_spans", replace_and_hold)
+    saved, bobs = race(
+        lambda: service.save_spans("ann", gid, [{"start": 0, "end": 4, "polarity": "good"}], 0, True),
+        in_save,
+        lambda: service.next_segment("bob", pid),
+        bob_done,
+    )
+    assert saved.version == 1
+    assert bobs is None  # ann's late submission filled the response; the claim saw it
+    assert count(any_db, m.SpanSet, m.SpanSet.submitted) == 1

@@ -396,6 +396,50 @@ def test_origin_check_cors_and_headers_on_a_real_hostname(db, settings, users, c
         assert headers["referrer-policy"] == "same-origin"
 
 
+def test_allowed_origins_let_the_public_origin_behind_a_reverse_proxy_through(db, settings, users, clock):
+    """The proxy forwards with its own upstream Host, so the browser's Origin never equals it."""
+    from dataclasses import replace
+
+    users.create_first_admin("root", "long enough pw")
+    ok = {"username": "root", "password": "long enough pw"}
+    public = {"origin": "https://studio.example.org"}
+    client, _auth = _server(db, settings, users, clock)
+    assert client.post("/login", data=ok, headers=public).status_code == 403
+    proxied = replace(settings, allowed_origins=("https://studio.example.org",))
+    client, _auth = _server(db, proxied, users, clock)
+    assert client.post("/login", data=ok, headers=public).status_code == 303
+    assert client.post("/login", data=ok, headers={"origin": "https://evil.example"}).status_code == 403
+    assert client.post("/login", data=ok).status_code == 303  # no Origin header (not a browser form)
+
+
+def test_only_admins_may_upload_files_to_gradio(db, settings, users, clock, tmp_path, monkeypatch):
+    uploads = tmp_path / "gradio-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    users.create_first_admin("root", "long enough pw")
+    users.add_user("root", "ann", "annotator", "ann password")
+    users.add_user("root", "ray", "rater", "ray password")
+    client, _auth = _server(db, settings, users, clock)
+
+    def upload(path: str = "/gradio_api/upload"):
+        return client.post(path, files={"files": ("big.txt", b"x" * 1000, "text/plain")})
+
+    assert upload().status_code == 401  # anonymous: Gradio's own login check
+    for name in ("ann", "ray"):
+        assert _login(client, name, f"{name} password").status_code == 303
+        for path in ("/gradio_api/upload", "/gradio_api/upload/", "/gradio_api/upload?upload_id=x"):
+            r = upload(path)
+            assert r.status_code == 403 and r.json() == {"error": "only admins may upload files"}
+        client.cookies.clear()
+    assert not [f for f in uploads.rglob("*") if f.is_file()]  # nothing reached the disk
+    assert _login(client, "root", "long enough pw").status_code == 303
+    r = upload()
+    assert r.status_code == 200 and len(r.json()) == 1
+    users.set_role("root", "ann", "admin")  # the role is read from the database on each upload
+    client.cookies.clear()
+    assert _login(client, "ann", "ann password").status_code == 303
+    assert upload().status_code == 200
+
+
 def test_first_run_setup_needs_the_token_and_closes_afterwards(db, settings, users, clock):
     client, _auth = _server(db, settings, users, clock)
     token_file = settings.data_dir / SETUP_TOKEN_FILE

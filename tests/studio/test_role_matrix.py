@@ -166,10 +166,15 @@ def _admin_events(file_data: dict, model: str) -> dict[str, list]:
 def test_every_admin_event_refuses_anonymous_annotator_and_rater(server, tmp_path, tiny_model):
     anonymous = server.client()
     before = server.snapshot()
-    names = json.loads(server.client("admin").get("/gradio_api/info").text)["named_endpoints"]
+    admin = server.client("admin")
+    names = json.loads(admin.get("/gradio_api/info").text)["named_endpoints"]
+    file_data = _upload(admin, tmp_path)  # only an admin may upload (anyone else could fill the disk)
     for username in ["ann", "ray"]:
         client = server.client(username)
-        events = _admin_events(_upload(client, tmp_path), str(tiny_model))
+        r = client.post("/gradio_api/upload", files={"files": ("prompts.jsonl", b"{}\n")})
+        assert r.status_code == 403, (username, r.text)
+        # An upload's path is all a client needs to send; the import still refuses them.
+        events = _admin_events(file_data, str(tiny_model))
         for api_name, data in events.items():
             assert f"/{api_name}" in names, api_name
             assert call(anonymous, api_name, data)[0] == "http 401", api_name

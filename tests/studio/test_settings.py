@@ -27,6 +27,16 @@ def test_environment_and_overrides(tmp_path):
     assert Settings.from_env({}, data_dir=tmp_path / "d").database_url.endswith("/d/studio.db")
 
 
+def test_allowed_origins_from_the_environment():
+    env = {"STUDIO_ALLOWED_ORIGINS": " https://studio.example.org/ ,http://10.0.0.5:8080,, "}
+    assert Settings.from_env(env).allowed_origins == ("https://studio.example.org", "http://10.0.0.5:8080")
+    assert Settings.from_env({}).allowed_origins == ()
+    with pytest.raises(ValueError, match=r"STUDIO_ALLOWED_ORIGINS: 'studio\.example\.org' is not an origin"):
+        Settings.from_env({"STUDIO_ALLOWED_ORIGINS": "studio.example.org"})
+    with pytest.raises(ValueError, match="is not an origin"):
+        Settings.from_env({"STUDIO_ALLOWED_ORIGINS": "https://studio.example.org/path"})
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

@@ -160,3 +160,55 @@ def test_datasets_import_checks_the_role_before_deleting_the_upload(db, tmp_path
     with pytest.raises(gr.Error, match="needs the admin role"):
         events["datasets_import"](pid, str(upload), SimpleNamespace(username="ann"))
     assert upload.exists()
+
+
+# --------------------------------------------------------------------------- the built app
+
+
+@pytest.fixture
+def built_app(db, tmp_path):
+    from studio.services import Services
+    from studio.settings import Settings
+    from studio.ui import build_app
+
+    return build_app(Services.build(Settings(data_dir=tmp_path / "data", database_url="sqlite://"), db))
+
+
+def test_every_event_has_an_explicit_concurrency_group_within_the_database_pool(built_app, tmp_path):
+    """R-DB-04: Gradio gives an event without `concurrency_id` its own slots (id = str(id(fn))), so the
+    slots of all events together could exceed the connections the database pool can hand out."""
+    from storage.db import POOL_CAPACITY, make_engine, sqlite_url
+    from studio.tabs.common import REST_HEADROOM
+
+    engine = make_engine(sqlite_url(tmp_path / "pool.db"))
+    assert engine.pool.size() + engine.pool._max_overflow == POOL_CAPACITY
+    engine.dispose()
+    groups: dict[str, set] = {}
+    fns = list(built_app.fns.values())  # gradio 6.31: {fn index: BlockFunction}
+    assert len(fns) > 40
+    for fn in fns:
+        where = f"event {fn.name!r} (api_name {fn.api_name!r})"
+        if not fn.queue:  # runs outside the queue: allowed only for events declared DB-free
+            assert fn.concurrency_id == "ui", f"{where} skips the queue without **UI_ONLY"
+            continue
+        assert fn.concurrency_id != str(id(fn.fn)), f"{where} has no explicit concurrency_id"
+        assert fn.concurrency_id != "ui", f"{where} is queued in the DB-free group"
+        limit = fn.concurrency_limit
+        assert isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1, (
+            f"{where} has no explicit concurrency_limit ({limit!r})"
+        )
+        groups.setdefault(fn.concurrency_id, set()).add(limit)
+    # Gradio applies the lowest limit of a group to all of it: one limit per group, no surprises.
+    assert all(len(limits) == 1 for limits in groups.values()), groups
+    limits = {group: limits.pop() for group, limits in groups.items()}
+    assert set(limits) == {"db", "model", "datasets"}, limits
+    assert sum(limits.values()) <= POOL_CAPACITY - REST_HEADROOM, limits
+    by_name = {fn.api_name: fn.concurrency_id for fn in fns}
+    for api_name in ("vote_left", "skip", "spans_submit", "pairwise_next", "team_refresh", "users_add"):
+        assert by_name[api_name] == "db"
+    assert by_name["generate"] == "model"
+
+
+def test_gradio_cache_is_swept(built_app):
+    """R-SEC-09: uploaded and generated temporary files older than an hour go every 10 minutes."""
+    assert built_app.delete_cache == (600, 3600)
