@@ -252,6 +252,13 @@ def _consensus_items(data: ProjectData, filters: ExportFilters, counts: Counter)
             yield c, cons
 
 
+def _decided(data: ProjectData, filters: ExportFilters) -> tuple[Counter, list, _Prompts]:
+    """(counts, consensus items, prompt formatter): the start of every pairwise row builder."""
+    counts: Counter = Counter()
+    items = list(_consensus_items(data, filters, counts))
+    return counts, items, _Prompts([data.prompts[c.prompt_id] for c, _ in items], filters.prompt_format)
+
+
 def _pair(data: ProjectData, c: ComparisonData, outcome: str) -> tuple[GenerationData, GenerationData]:
     a, b = data.generations[c.generation_a_id], data.generations[c.generation_b_id]
     return (a, b) if outcome == "a" else (b, a)
@@ -259,9 +266,7 @@ def _pair(data: ProjectData, c: ComparisonData, outcome: str) -> tuple[Generatio
 
 def preference_rows(data: ProjectData, filters: ExportFilters, snapshot_id: str) -> RowsResult:
     """Explicit-prompt preference pairs: only decisive (a/b) consensus outcomes."""
-    counts: Counter = Counter()
-    items = list(_consensus_items(data, filters, counts))
-    fmt = _Prompts([data.prompts[c.prompt_id] for c, _ in items], filters.prompt_format)
+    counts, items, fmt = _decided(data, filters)
     rows = []
     for c, cons in items:
         if cons.outcome not in ("a", "b"):
@@ -281,9 +286,7 @@ def preference_rows(data: ProjectData, filters: ExportFilters, snapshot_id: str)
 
 def reward_rows(data: ProjectData, filters: ExportFilters, snapshot_id: str) -> RowsResult:
     """Implicit-prompt pairs with `margin` from strength; ties as two mirrored margin-0 rows if asked."""
-    counts: Counter = Counter()
-    items = list(_consensus_items(data, filters, counts))
-    fmt = _Prompts([data.prompts[c.prompt_id] for c, _ in items], filters.prompt_format)
+    counts, items, fmt = _decided(data, filters)
     rows = []
     for c, cons in items:
         p = data.prompts[c.prompt_id]
@@ -309,9 +312,7 @@ def reward_rows(data: ProjectData, filters: ExportFilters, snapshot_id: str) -> 
 
 def unpaired_rows(data: ProjectData, filters: ExportFilters, snapshot_id: str) -> RowsResult:
     """KTO rows: a decisive pair -> chosen True + rejected False; both_bad -> two False; tie -> none."""
-    counts: Counter = Counter()
-    items = list(_consensus_items(data, filters, counts))
-    fmt = _Prompts([data.prompts[c.prompt_id] for c, _ in items], filters.prompt_format)
+    counts, items, fmt = _decided(data, filters)
     rows = []
     for c, cons in items:
         p = data.prompts[c.prompt_id]

@@ -34,6 +34,7 @@ from storage.imports_core import (
     encoding_problem,
     iter_lines,
     load_json,
+    path_size,
     render_chat,
     type_name,
 )
@@ -135,7 +136,7 @@ def parse_prompt_file(
     except OSError as exc:
         return fail("unreadable", f"the file could not be read: {exc.strerror or exc}")
     try:
-        size = _size(path)
+        size = path_size(path)
         if size > limits.max_file_bytes:
             return fail(
                 "file_too_large",
@@ -177,12 +178,6 @@ def parse_prompt_file(
         what = "only a header row" if result.format == "csv" else "no rows"
         return fail("empty_file", f"the file has {what}; nothing to import")
     return result
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def _too_many(count: int, limits: ImportLimits, *, at_least: bool = False) -> str:

@@ -273,6 +273,13 @@ _SAVE_AS_UTF8 = "save it as UTF-8 (Excel: 'CSV UTF-8'; most editors: Save as, En
 Report = Callable[[int | None, str | None, str, str], None]
 
 
+def path_size(path: Path) -> int:
+    """Bytes in a file, or in all files under a folder (a datasets folder)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
 def encoding_problem(path: Path) -> str | None:
     """A message when the file is clearly UTF-16/32 (a BOM, or NUL bytes everywhere), else None."""
     with path.open("rb") as fh:

@@ -41,6 +41,7 @@ from storage.imports_core import (
     encoding_problem,
     iter_lines,
     load_json,
+    path_size,
     preview,
     render_chat,
     text_problem,
@@ -378,11 +379,7 @@ def parse_preference_file(
             "unsupported_format",
             f"preference data must be JSON Lines, Parquet or a datasets folder, not {result.format}",
         )
-    size = (
-        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        if path.is_dir()
-        else path.stat().st_size
-    )
+    size = path_size(path)
     if size > limits.max_file_bytes:
         return fail(
             "file_too_large",

@@ -8,8 +8,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from annotation_service_helpers import HOLD_S, Clock, add_users, count, make_service, race, seed_project
 from sqlmodel import select
-from test_annotation import HOLD_S, Clock, add_users, count, make_service, race, seed_project
 
 from storage import annotation as annotation_store
 from storage import crud

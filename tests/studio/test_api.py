@@ -14,11 +14,11 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+from annotation_service_helpers import add_users, seed_project
 from argon2 import PasswordHasher
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 from sqlmodel import func, select
-from test_annotation import add_users, seed_project
 
 from storage import models as m
 from studio.api import router

@@ -4,8 +4,8 @@ list of comparisons for gold marking (`AnnotationService.comparisons`), on SQLit
 from __future__ import annotations
 
 import pytest
+from annotation_service_helpers import add_users, make_service, seed_project
 from sqlmodel import select
-from test_annotation import add_users, make_service, seed_project
 
 from storage import crud
 from storage import models as m

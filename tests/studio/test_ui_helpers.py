@@ -118,8 +118,8 @@ def _tab_events(build, db, tmp_path) -> tuple[dict, object]:
 def test_pairwise_vote_key_cannot_be_taken_first_by_another_annotator(db, tmp_path):
     from dataclasses import replace
 
+    from annotation_service_helpers import add_users, seed_project
     from sqlmodel import select
-    from test_annotation import add_users, seed_project
 
     from storage import models as m
     from studio.tabs import annotate
@@ -148,7 +148,7 @@ def test_pairwise_vote_key_cannot_be_taken_first_by_another_annotator(db, tmp_pa
 
 def test_datasets_import_checks_the_role_before_deleting_the_upload(db, tmp_path):
     import gradio as gr
-    from test_annotation import add_users, seed_project
+    from annotation_service_helpers import add_users, seed_project
 
     from studio.tabs import datasets
 
