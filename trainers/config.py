@@ -25,7 +25,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -321,3 +321,44 @@ def parse_recipe_args(cls: type[T], argv: list[str] | None, prog: str) -> tuple[
     else:
         cfg = config_from_dict(cls, apply_overrides({}, args.set), source="--set")
     return cfg, args
+
+
+def run_recipe_cli(
+    cls: type[T],
+    train: Callable[..., Any],
+    recipe: str,
+    argv: list[str] | None,
+    summary: Callable[[Any], dict[str, Any]] = lambda _result: {},
+) -> int:
+    """The ``main()`` every recipe shares: parse the config, train, print a one-line JSON summary.
+
+    SIGTERM (a job cancelled by the worker) sets a flag the training loop checks after each step:
+    it writes a checkpoint and returns, and the exit code is 143 so the caller can tell a stop from
+    a finished run. `summary(result)` adds recipe-specific fields to the printed summary.
+    """
+    import signal
+    import threading
+
+    cfg, args = parse_recipe_args(cls, argv, prog=f"python -m trainers {recipe}")
+    if args.print_config:
+        print(json.dumps(config_to_dict(cfg), indent=2))
+        return 0
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    result = train(cfg, should_stop=lambda _step: stop.is_set())
+    print(
+        json.dumps(
+            {
+                "recipe": recipe,
+                "final_checkpoint": str(result.final_checkpoint) if result.final_checkpoint else None,
+                "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+                "steps": result.steps,
+                "stopped": result.stopped,
+                "seconds": round(result.seconds, 2),
+                **summary(result),
+                "metrics": result.metrics,
+            }
+        )
+    )
+    return 143 if result.stopped else 0

@@ -61,7 +61,7 @@ from trainers.checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from trainers.config import ConfigError, OptimConfig, bounded, config_to_dict, parse_recipe_args
+from trainers.config import ConfigError, OptimConfig, bounded, config_to_dict, run_recipe_cli
 from trainers.data import (
     EncodedPair,
     StepSampler,
@@ -479,29 +479,7 @@ def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainers reward_model --config cfg.yaml [--set key=value ...]``."""
-    import json
-    import signal
-    import threading
-
-    cfg, args = parse_recipe_args(RewardModelConfig, argv, prog=f"python -m trainers {RECIPE}")
-    if args.print_config:
-        print(json.dumps(config_to_dict(cfg), indent=2))
-        return 0
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # checkpoint after the current step, then exit
-    result = train(cfg, should_stop=lambda _step: stop.is_set())
-    summary = {
-        "recipe": RECIPE,
-        "final_checkpoint": str(result.final_checkpoint) if result.final_checkpoint else None,
-        "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
-        "steps": result.steps,
-        "stopped": result.stopped,
-        "seconds": round(result.seconds, 2),
-        "metrics": result.metrics,
-    }
-    print(json.dumps(summary))
-    return 143 if result.stopped else 0
+    return run_recipe_cli(RewardModelConfig, train, RECIPE, argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from trainers.checkpoint import (
     step_dir,
     write_checkpoint,
 )
-from trainers.config import ConfigError, config_to_dict, parse_recipe_args
+from trainers.config import ConfigError, config_to_dict, run_recipe_cli
 from trainers.data import (
     PreferencePair,
     StepSampler,
@@ -552,31 +552,16 @@ def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainers segment_reward_model --config cfg.yaml [--set key=value ...]``."""
-    import json
-    import signal
-    import threading
-
-    cfg, args = parse_recipe_args(SegmentRewardModelConfig, argv, prog=f"python -m trainers {RECIPE}")
-    if args.print_config:
-        print(json.dumps(config_to_dict(cfg), indent=2))
-        return 0
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # checkpoint after the current step, then exit
-    result = train(cfg, should_stop=lambda _step: stop.is_set())
-    summary = {
-        "recipe": RECIPE,
-        "final_checkpoint": str(result.final_checkpoint) if result.final_checkpoint else None,
-        "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
-        "steps": result.steps,
-        "stopped": result.stopped,
-        "seconds": round(result.seconds, 2),
-        "threshold": result.info.threshold,
-        "mean_segment_length": result.info.mean_segment_length,
-        "metrics": result.metrics,
-    }
-    print(json.dumps(summary))
-    return 143 if result.stopped else 0
+    return run_recipe_cli(
+        SegmentRewardModelConfig,
+        train,
+        RECIPE,
+        argv,
+        lambda result: {
+            "threshold": result.info.threshold,
+            "mean_segment_length": result.info.mean_segment_length,
+        },
+    )
 
 
 if __name__ == "__main__":
