@@ -394,8 +394,14 @@ class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     id: int | None = Field(default=None, primary_key=True)
     project_id: int | None = Field(default=None, foreign_key="projects.id", index=True)
+    name: str | None = Field(default=None, max_length=200)
     recipe: str = Field(max_length=64)
+    # The resolved recipe config (managed fields included); the worker writes it to config.json.
     config: dict[str, Any] | None = _json()
+    # >1: `accelerate launch --num_processes N -m trainers ...`.
+    processes: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
+    # Wall-clock limit of one attempt; past it the job is stopped and fails with `timeout`.
+    timeout_s: int | None = None
     state: JobState = Field(
         default=JobState.queued,
         sa_column=sa.Column(_enum(JobState, "job_state"), nullable=False, index=True),
@@ -415,8 +421,13 @@ class Job(SQLModel, table=True):
     step: int = Field(default=0)
     total_steps: int | None = None
     attempt: int = Field(default=0)
+    # The child's exit status of the last attempt (negative: killed by that signal).
+    exit_code: int | None = None
+    # Set by a cancel of a running job; the worker then stops the child (SIGTERM, SIGKILL after grace).
+    cancel_requested_at: datetime | None = None
     created_by: int | None = Field(default=None, foreign_key="users.id")
     created_at: datetime = _created()
+    # Start of the current attempt (each claim sets it).
     started_at: datetime | None = None
     heartbeat_at: datetime | None = None
     finished_at: datetime | None = None

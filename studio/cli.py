@@ -114,6 +114,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return subprocess.run(command).returncode
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    # Runs queued training jobs until SIGTERM / Ctrl-C; its running job is interrupted and resumes later.
+    import logging
+    import signal
+    import threading
+
+    from storage.db import Database, upgrade
+    from studio.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = _settings(args)
+    db = Database.from_url(settings.database_url)
+    upgrade(db.engine)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker = Worker(db, settings, poll_s=args.poll_s, heartbeat_s=args.heartbeat_s, stale_s=args.stale_s,
+                    grace_s=args.grace_s, reap_every_s=args.reap_every_s)  # fmt: skip
+    worker.run_forever(stop)
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from studio.generation import SamplingParams, random_seed
 
@@ -271,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML or JSON config file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "worker", help="run queued training jobs (any machine sharing the database and data folder)"
+    )
+    p.add_argument("--poll-s", type=float, default=1.0, help="seconds between passes (default 1)")
+    p.add_argument("--heartbeat-s", type=float, default=5.0, help="heartbeat interval (default 5)")
+    p.add_argument("--stale-s", type=float, default=60.0, help="a job without heartbeat this long is reaped")
+    p.add_argument(
+        "--grace-s", type=float, default=30.0, help="SIGTERM → SIGKILL grace on cancel (default 30)"
+    )
+    p.add_argument("--reap-every-s", type=float, default=30.0, help="reaper interval (default 30)")
+    p.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -10,6 +10,7 @@
 | STUDIO_PORT           | 7860                                      | port                                      |
 | STUDIO_MAX_UPLOAD_MB  | 50                                        | largest import file accepted              |
 | STUDIO_ALLOWED_ORIGINS| (none)                                    | extra origins for POSTs, comma-separated  |
+| STUDIO_WORKER         | 1                                         | 0: the studio starts no job worker        |
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     """Origins (scheme://host[:port]) whose POST/PUT/PATCH/DELETE requests are accepted besides the
     studio's own Host: the public address when a reverse proxy forwards with another Host header."""
+    start_worker: bool = True
+    """Run a training-job worker in a thread of the studio (false: only `studio worker` processes run jobs)."""
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -98,6 +101,8 @@ class Settings:
             "port": _int("STUDIO_PORT", 7860),
             "max_upload_mb": _int("STUDIO_MAX_UPLOAD_MB", 50),
             "allowed_origins": parse_origins(env.get("STUDIO_ALLOWED_ORIGINS")),
+            "start_worker": (env.get("STUDIO_WORKER") or "1").strip().lower()
+            not in ("0", "false", "no", "off"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -9,7 +9,18 @@ import gradio as gr
 from studio.components.keys import KEYBOARD_JS
 from studio.services import Services
 from studio.settings import Settings
-from studio.tabs import annotate, browse, datasets, generate, imports, projects, segments, team, users
+from studio.tabs import (
+    annotate,
+    browse,
+    datasets,
+    generate,
+    imports,
+    projects,
+    segments,
+    team,
+    training,
+    users,
+)
 from studio.tabs.common import (
     ADMIN,
     ANNOTATOR,
@@ -61,11 +72,14 @@ def build_app(services: Services) -> gr.Blocks:
                 tm = team.build(shared)
             with shared.tab("Datasets", "datasets", ADMIN) as datasets_tab:
                 ds = datasets.build(shared)
+            with shared.tab("Training", "training", ADMIN) as training_tab:
+                trn = training.build(shared)
             with shared.tab("Users", "users", ADMIN) as users_tab:
                 usr = users.build(shared)
         _wire(demo, shared, proj, imp, gen, brw)
         wire_session(demo, shared, session, tabs)
         users_tab.select(*usr["refresh"], **DB_EVENTS)
+        training.wire(shared, training_tab, trn)
         _wire_annotation(
             shared,
             {

@@ -1,5 +1,7 @@
 """``python -m trainers <recipe> --config cfg.yaml [--set key=value ...]`` — run a recipe headless.
 
+``python -m trainers --schema`` prints every recipe's form schema as JSON (see :func:`recipe_schema`).
+
 Also under ``accelerate launch -m trainers <recipe> …`` on several GPUs. Recipes are registered by
 name → module (imported only when chosen); each module has ``main(argv) -> int``.
 
@@ -18,6 +20,7 @@ import sys
 RECIPES: dict[str, str] = {
     "reward_model": "trainers.recipes.reward_model",
     "segment_reward_model": "trainers.recipes.segment_reward_model",
+    "dpo": "trainers.recipes.dpo",
 }
 """Recipe name → module with ``main(argv)``."""
 
@@ -43,11 +46,48 @@ def failure_code(exc: BaseException) -> str | None:
     return None
 
 
+def recipe_schema(name: str) -> dict:
+    """What the studio needs to offer recipe ``name`` in a form (see ``--schema`` above).
+
+    From the recipe module's constants ``CONFIG_CLASS``, ``CHECKPOINT_KIND``, ``SNAPSHOT_KINDS`` and
+    ``BASE_KIND`` (default ``policy``).
+    """
+    from trainers.config import config_schema
+
+    module = importlib.import_module(RECIPES[name])
+    cls = module.CONFIG_CLASS
+    return {
+        "doc": " ".join((cls.__doc__ or "").split("\n\n")[0].split()),
+        "checkpoint_kind": module.CHECKPOINT_KIND,
+        "snapshot_kinds": list(module.SNAPSHOT_KINDS),
+        "base_kind": getattr(module, "BASE_KIND", "policy"),
+        "fields": config_schema(cls),
+    }
+
+
+def print_schema() -> int:
+    """``--schema``: JSON ``{recipe: recipe_schema(recipe)}`` on stdout; a recipe that fails to import
+    is left out with an ``error[bad_input]`` line on stderr (exit status 2 if any did)."""
+    import json
+
+    schemas, failed = {}, False
+    for name in RECIPES:
+        try:
+            schemas[name] = recipe_schema(name)
+        except Exception as exc:  # one broken recipe must not hide the others
+            print(f"error[bad_input]: recipe {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed = True
+    print(json.dumps(schemas))
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] == "--schema":
+        return print_schema()
     name, rest = argv[0], argv[1:]
     if name not in RECIPES:
         print(f"error[bad_input]: unknown recipe {name!r}\n{_usage()}", file=sys.stderr)

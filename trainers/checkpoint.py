@@ -41,6 +41,9 @@ TMP_PREFIX = ".tmp-ckpt-"
 STEP_PREFIX = "step-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FREE_MARGIN = 100 * 2**20
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""OSError numbers reported as ``disk_full``: no space, quota exceeded, and "file too large"
+(EFBIG: a file-size limit such as ``RLIMIT_FSIZE`` / ``ulimit -f``, or the filesystem's maximum)."""
 
 
 class CheckpointError(RuntimeError):
@@ -125,7 +128,7 @@ def write_checkpoint(
             shutil.rmtree(aside, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        code = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io"
+        code = "disk_full" if exc.errno in DISK_FULL_ERRNOS else "io"
         raise CheckpointWriteError(f"could not write checkpoint {dest}: {exc}", code=code) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -299,6 +299,109 @@ def _check_range(metadata: Mapping[str, Any], value: Any, source: str, dotted: s
                 )
 
 
+# ----------------------------------------------------------------------------- schema for forms
+
+MANAGED_FIELDS = frozenset(
+    {"snapshot", "output_dir", "model", "eval_snapshot", "resume", "progress", "model_cache"}
+)
+"""Top-level fields the studio fills itself when it launches a job (never shown in its forms)."""
+
+
+def config_schema(cls: type) -> list[dict[str, Any]]:
+    """The fields of a config dataclass for a form, nested sections flattened to dotted names::
+
+        [{"name": "optim.lr", "type": "float", "default": 5e-05, "help": "Peak learning rate.", "gt": 0}, ...]
+
+    ``type``: int, float, bool, str, choice (with ``choices``), list (with ``items``: the item
+    types), dict, or json; ``optional_`` in front when null is allowed. ``help`` is the first
+    paragraph of the docstring under the field; ``ge``/``gt``/``le``/``lt`` come from :func:`bounded`;
+    ``required`` marks a field without default; ``managed`` one of :data:`MANAGED_FIELDS`.
+    """
+    return _schema(cls, prefix="")
+
+
+def _schema(cls: type, prefix: str) -> list[dict[str, Any]]:
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    entries: list[dict[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        name, tp = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            entries.extend(_schema(tp, prefix=f"{name}."))
+            continue
+        entry: dict[str, Any] = {"name": name, **_type_entry(tp), "help": docs.get(f.name, "")}
+        if f.default is not dataclasses.MISSING:
+            entry["default"] = config_to_dict(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            entry["default"] = config_to_dict(f.default_factory())
+        else:
+            entry["default"], entry["required"] = None, True
+        entry.update({k: f.metadata[k] for k in ("ge", "gt", "le", "lt") if k in f.metadata})
+        if not prefix and f.name in MANAGED_FIELDS:
+            entry["managed"] = True
+        entries.append(entry)
+    return entries
+
+
+def _type_entry(tp: Any) -> dict[str, Any]:
+    """``{"type": ...}`` (+ ``choices`` / ``items``) for one annotation."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        inner = _type_entry(rest[0]) if len(rest) == 1 else {"type": "json"}
+        return {**inner, "type": f"optional_{inner['type']}"}
+    if origin is Literal:
+        return {"type": "choice", "choices": list(args)}
+    if origin in (tuple, list):
+        items = [a for a in args if a is not Ellipsis] or [Any]
+        return {"type": "list", "items": [_type_entry(a)["type"] for a in items]}
+    if origin is dict or tp is dict:
+        return {"type": "dict"}
+    simple = {int: "int", float: "float", bool: "bool", str: "str", Path: "str"}
+    return {"type": simple.get(tp, "json")}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: first paragraph of the docstring under it}``, read from the class sources (ast).
+
+    Merged over the MRO, parents first: an inherited field keeps its parent's docstring, and a
+    subclass that redefines a field with a docstring of its own overrides it.
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is not object:
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    """:func:`field_docs` of the fields written in ``cls``'s own class body."""
+    import ast
+    import inspect
+    import itertools
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            first = inspect.cleandoc(after.value.value).split("\n\n")[0]
+            docs[node.target.id] = " ".join(first.split())
+    return docs
+
+
 # ----------------------------------------------------------------------------- command line
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from trainers.losses import bradley_terry_loss
+
 
 class MetricsWriter:
     """Append-only JSONL metrics; ``enabled=False`` (non-main processes) makes every call a no-op."""
@@ -33,13 +35,17 @@ class MetricsWriter:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+        if resume_step is None or self.path.exists():
+            # Always a new file (new inode), never truncated in place: a reader tailing it (the studio's
+            # worker) tells a rewrite from appended lines by the inode, as a rewrite may grow past its offset.
+            kept = (
+                []
+                if resume_step is None
+                else [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            )
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
             os.replace(tmp, self.path)
-        elif resume_step is None:
-            self.path.write_text("")
         self._handle = self.path.open("a", encoding="utf-8")
 
     def write(self, step: int, values: Mapping[str, float], *, when: float | None = None) -> None:
@@ -99,6 +105,28 @@ def pairwise_ece(reward_diff: torch.Tensor, bins: int = 10) -> float:
     return float(total / max(len(probs), 1))
 
 
+def reward_eval_metrics(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor
+) -> dict[str, float]:
+    """A reward model's held-out metrics from its scores of N pairs, each argument (N,) float64.
+
+    ``eval/accuracy``, ``eval/loss`` (Bradley–Terry with ``margin``), ``eval/ece``
+    (:func:`pairwise_ece`), ``eval/margin`` (mean r⁺ − r⁻), ``eval/reward_mean`` and
+    ``eval/reward_std`` (over both sides: z-scoring downstream) and ``eval/pairs``.
+    """
+    loss, stats = bradley_terry_loss(chosen, rejected, margin)
+    both = torch.cat([chosen, rejected])
+    return {
+        "eval/accuracy": float(stats["accuracy"]),
+        "eval/loss": float(loss),
+        "eval/ece": pairwise_ece(chosen - rejected),
+        "eval/margin": float(stats["reward_gap"]),
+        "eval/reward_mean": float(both.mean()),
+        "eval/reward_std": float(both.std()) if len(both) > 1 else 0.0,
+        "eval/pairs": float(len(chosen)),
+    }
+
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient norm that is NaN or infinite (the job fails; nothing after it is saved)."""
 
@@ -109,9 +137,32 @@ class NonFiniteError(RuntimeError):
         super().__init__(f"non-finite {name} ({value}) at step {step}")
 
 
+FAULT_NAN_STEP = "STUDIO_FAULT_NAN_STEP"
+"""Test-only: ``STUDIO_FAULT_NAN_STEP=k`` makes :func:`check_finite` see a NaN in its first value at step k."""
+FAULT_STEP_SLEEP = "STUDIO_FAULT_STEP_SLEEP_S"
+"""Test-only: ``STUDIO_FAULT_STEP_SLEEP_S=x`` sleeps x seconds in every :func:`check_finite` call, so a
+test can stop or kill a job in the middle of a run. Never set either outside tests."""
+
+
 def check_finite(step: int, **values: float | torch.Tensor) -> None:
-    """Raise :class:`NonFiniteError` for the first NaN/inf among ``values`` (syncs the device)."""
+    """Raise :class:`NonFiniteError` for the first NaN/inf among ``values`` (syncs the device).
+
+    Every recipe calls it once per optimizer step, before the update; the two test-only fault
+    variables above act here, so they work for every recipe.
+    """
+    values = _inject_faults(step, values)
     for name, value in values.items():
         number = float(value)
         if not math.isfinite(number):
             raise NonFiniteError(step, name, number)
+
+
+def _inject_faults(step: int, values: dict[str, float | torch.Tensor]) -> dict[str, float | torch.Tensor]:
+    sleep = os.environ.get(FAULT_STEP_SLEEP)
+    if sleep:
+        time.sleep(float(sleep))
+    nan_step = os.environ.get(FAULT_NAN_STEP)
+    if nan_step and values and int(nan_step) == step:
+        first = next(iter(values))
+        return {**values, first: float("nan")}
+    return values

@@ -13,6 +13,7 @@ from studio.services.annotation import AnnotationService
 from studio.services.datasets import DatasetService
 from studio.services.errors import ServiceError
 from studio.services.generate import GenerationService
+from studio.services.jobs import JobService
 from studio.services.projects import ProjectService
 from studio.services.prompts import PromptService
 from studio.services.quality import QualityService
@@ -31,6 +32,7 @@ class Services:
     annotation: AnnotationService
     quality: QualityService
     datasets: DatasetService
+    jobs: JobService
 
     @classmethod
     def build(cls, settings: Settings, db: Database) -> Services:
@@ -46,6 +48,7 @@ class Services:
             annotation=AnnotationService(db, settings, users),
             quality=QualityService(db, settings, users),
             datasets=DatasetService(db, settings, users),
+            jobs=JobService(db, settings, users),
         )
 
 

@@ -142,6 +142,11 @@ def _upload(client: httpx.Client, tmp_path: Path) -> dict:
     return {"path": r.json()[0], "orig_name": "prompts.jsonl", "meta": {"_type": "gradio.FileData"}}
 
 
+TRAINING_EVENTS = ["training_snapshot", "training_launch", "training_jobs", "training_cancel", "training_resume",
+                   "checkpoints_list", "checkpoints_verify"]  # fmt: skip
+"""Training-tab events: admin-only, called with empty inputs (the role is checked first)."""
+
+
 def _admin_events(file_data: dict, model: str) -> dict[str, list]:
     """Every admin-only event with inputs a client could send (hidden gr.State inputs excluded)."""
     return {
@@ -175,6 +180,8 @@ def test_every_admin_event_refuses_anonymous_annotator_and_rater(server, tmp_pat
         assert r.status_code == 403, (username, r.text)
         # An upload's path is all a client needs to send; the import still refuses them.
         events = _admin_events(file_data, str(tiny_model))
+        for api_name in TRAINING_EVENTS:  # the role check comes before any input is read
+            events[api_name] = [None] * len(names[f"/{api_name}"]["parameters"])
         for api_name, data in events.items():
             assert f"/{api_name}" in names, api_name
             assert call(anonymous, api_name, data)[0] == "http 401", api_name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -115,6 +116,45 @@ def test_disk_full_while_syncing_is_a_clean_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointWriteError) as info:
         write_checkpoint(step_dir(tmp_path, 3), payload(), {"step": 3})
     assert info.value.code == "disk_full"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("number", "code"),
+    [(errno.EFBIG, "disk_full"), (errno.EDQUOT, "disk_full"), (errno.EACCES, "io")],
+)
+def test_file_too_large_counts_as_disk_full_other_errors_as_io(tmp_path, monkeypatch, number, code):
+    # EFBIG is what a write past RLIMIT_FSIZE (``ulimit -f``) gets (with SIGXFSZ ignored).
+    def write_manifest(path: Path, text: str) -> None:
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(ck, "_write_synced", write_manifest)
+    with pytest.raises(CheckpointWriteError) as info:
+        write_checkpoint(step_dir(tmp_path, 3), payload(), {"step": 3})
+    assert info.value.code == code
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_real_file_size_limit_is_disk_full(tmp_path):
+    # The real thing, in a child process: RLIMIT_FSIZE 4 KiB, SIGXFSZ ignored, so a 64 KiB write gets EFBIG.
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        from pathlib import Path
+        from trainers.checkpoint import CheckpointWriteError, write_checkpoint
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            write_checkpoint(Path({str(tmp_path)!r}) / "big", lambda tmp: (tmp / "w.bin").write_bytes(bytes(2**16)), {{}})
+        except CheckpointWriteError as exc:
+            print(exc.code, exc.__cause__.errno)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.split() == ["disk_full", str(errno.EFBIG)], proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 

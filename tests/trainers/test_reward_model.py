@@ -103,6 +103,14 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_model, snapsh
                        optim=OptimConfig(lr=2e-3, grad_accum=1)))  # fmt: skip
     # Not bit-identical: micro-batches pad to their own lengths and sum in another order.
     assert_same_weights(final_weights(small), final_weights(big), exact=False, rtol=1e-4, atol=2e-5)
+    # The weights alone would not catch a missing ``/ accum`` (clipping to 1.0 and Adam's scale
+    # invariance hide it); the logged gradient norm is measured before clipping, so it sees the scale.
+    for key in ("train/loss", "train/grad_norm"):
+        small_values, big_values = (
+            [row[key] for row in read_metrics(r.output_dir / "metrics.jsonl") if key in row]
+            for r in (small, big)
+        )
+        assert len(small_values) == 3 and small_values == pytest.approx(big_values, rel=1e-4), key
     # Control: 3 steps of 2 pairs (no accumulation) end somewhere measurably different.
     other = train(config(tmp_path / "c", tiny_model, snapshot, batch_size=2, max_steps=3,
                          optim=OptimConfig(lr=2e-3, grad_accum=1)))  # fmt: skip
@@ -161,7 +169,9 @@ def test_resume_refuses_a_changed_config(tmp_path, tiny_model, snapshot):
     assert info.value.field == "optim"
     with pytest.raises(ConfigError, match="set resume: true"):
         train(dataclasses.replace(cfg, resume=False))
-    assert train(dataclasses.replace(cfg, eval_every=1, progress=True)).steps == 4  # harmless changes resume
+    # harmless changes resume (the fast last layer is this recipe's own harmless field)
+    harmless = dataclasses.replace(cfg, eval_every=1, progress=True, score_position_only_last_layer=False)
+    assert train(harmless).steps == 4
 
 
 def test_non_finite_loss_fails_the_run_at_that_step(tmp_path, tiny_model, snapshot, monkeypatch):
@@ -268,7 +278,8 @@ def test_two_processes_under_torchrun_equal_one_process(tmp_path, tiny_model, sn
         final_weights(single), load_file(two / "model.safetensors"), exact=False, rtol=1e-4, atol=1e-5
     )
     assert read_studio_json(two)["metrics"]["eval/pairs"] == 32  # sharded evaluation gathered every pair once
-    assert len(read_metrics(tmp_path / "two" / "metrics.jsonl")) == 3 + 1  # written once, by the main process
+    # 3 train rows, 1 eval row and the run/total_steps row, written once, by the main process
+    assert len(read_metrics(tmp_path / "two" / "metrics.jsonl")) == 3 + 1 + 1
 
 
 @pytest.mark.slow

@@ -173,7 +173,7 @@ def test_checkpoint_layout(trained):
     assert list(head) == ["weight"] and head["weight"].shape == (1, 64)
     studio = json.loads((final / "studio.json").read_text())
     info = studio["segment_rm"]
-    assert studio["recipe"] == "segment_reward_model" and studio["kind"] == "segment-reward"
+    assert studio["recipe"] == "segment_reward_model" and studio["kind"] == "segment_reward"
     assert info["reference"] == str(Path(cfg.model).resolve()) and info["normaliser"]["kind"] == "location"
     assert info["extra"]["threshold_calibrated"] is True
     # calibrated τ_H gives about the target mean length (6 tokens) on the training responses

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 
@@ -11,10 +12,13 @@ from trainers.config import (
     OptimConfig,
     apply_overrides,
     config_from_dict,
+    config_schema,
     config_to_dict,
+    field_docs,
     load_config,
     parse_recipe_args,
 )
+from trainers.recipes.dpo import DPOConfig
 from trainers.recipes.reward_model import RewardModelConfig
 
 GOOD = """
@@ -126,3 +130,40 @@ def test_command_line_parsing(tmp_path):
     assert cfg.seed == 3 and not args.print_config
     cfg, _ = parse_recipe_args(RewardModelConfig, ["--set", "snapshot=a", "--set", "output_dir=b"], prog="x")
     assert (cfg.snapshot, cfg.output_dir) == ("a", "b")
+
+
+@dataclass(frozen=True)
+class _Base:
+    rate: float = 0.1
+    """Base rate."""
+    size: int = 2
+    """Base size."""
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class _Derived(_Base):
+    rate: float = 0.5
+    """Derived rate: overrides the parent's docstring."""
+    size: int = 4  # redefined without a docstring: the parent's stays
+    extra: str = "x"
+    """Only here."""
+
+
+def test_field_docs_merge_over_the_mro_parents_first():
+    assert field_docs(_Base) == {"rate": "Base rate.", "size": "Base size."}
+    assert field_docs(_Derived) == {
+        "rate": "Derived rate: overrides the parent's docstring.",
+        "size": "Base size.",
+        "extra": "Only here.",
+    }
+
+
+def test_schema_of_an_inherited_section_has_the_parents_help():
+    # DPO's optim section is DPOOptimConfig(OptimConfig): only lr is redefined there.
+    dpo = {f["name"]: f["help"] for f in config_schema(DPOConfig) if f["name"].startswith("optim.")}
+    rm = {f["name"]: f["help"] for f in config_schema(RewardModelConfig) if f["name"].startswith("optim.")}
+    assert dpo.keys() == rm.keys() and all(dpo.values())
+    assert dpo.pop("optim.lr").startswith("Peak learning rate (TRL's DPO default")
+    assert rm.pop("optim.lr") == "Peak learning rate."
+    assert dpo == rm and dpo["optim.betas"] == "Adam betas."

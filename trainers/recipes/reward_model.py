@@ -52,31 +52,47 @@ import torch
 from tqdm.auto import tqdm
 
 from trainers.checkpoint import (
-    clean_orphans,
     find_latest_complete,
     folder_bytes,
     load_training_state,
     prune_checkpoints,
-    read_studio_json,
     save_checkpoint,
     step_dir,
 )
-from trainers.config import ConfigError, OptimConfig, bounded, config_to_dict, run_recipe_cli
+from trainers.config import OptimConfig, bounded, run_recipe_cli
 from trainers.data import (
     EncodedPair,
     StepSampler,
     collate,
     encode_pairs,
-    read_preferences,
-    snapshot_sha256,
-    split_pairs,
 )
 from trainers.fast_score import sequence_logits
 from trainers.losses import bradley_terry_loss
-from trainers.metrics import MetricsWriter, check_finite, pairwise_ece
+from trainers.metrics import MetricsWriter, check_finite, reward_eval_metrics
 from trainers.optim import build_optimizer
+from trainers.recipe_common import (
+    HARMLESS_FIELDS,
+    TrainResult,
+    agree_to_stop,
+    check_resumable,
+    clean_run_folder,
+    disable_dropout,
+    info,
+    load_tokenizer,
+    make_accelerator,
+    plan_steps,
+    run_metadata,
+    shard,
+    train_and_held_out,
+)
 
 RECIPE = "reward_model"
+CHECKPOINT_KIND = "reward"
+"""What ``final/`` is, for the studio's checkpoint registry."""
+SNAPSHOT_KINDS = ("reward", "preferences")
+"""Dataset snapshot kinds (studio export kinds) this recipe trains on."""
+BASE_KIND = "encoder_or_policy"
+"""Which base checkpoints fit: ``policy`` (a causal LM) or ``encoder_or_policy``."""
 
 
 @dataclass(frozen=True)
@@ -135,24 +151,6 @@ class RewardModelConfig:
     """Show a tqdm progress bar on stderr."""
 
 
-@dataclass(frozen=True)
-class TrainResult:
-    """What a run produced."""
-
-    output_dir: Path
-    final_checkpoint: Path | None
-    """``<output_dir>/final``; None when the run was stopped early."""
-    last_checkpoint: Path | None
-    """The newest resumable step checkpoint, if any."""
-    steps: int
-    """Optimizer steps done (in total, over all resumptions)."""
-    metrics: dict[str, float]
-    """The last held-out evaluation (``eval/…``), empty without held-out pairs."""
-    resumed_from: Path | None
-    stopped: bool
-    seconds: float
-
-
 @dataclass
 class Run:
     """Everything ``setup`` builds for the loop."""
@@ -179,76 +177,40 @@ class Run:
 
 def setup(cfg: RewardModelConfig) -> Run:
     """Load data and model, build optimizer and schedule, and restore the latest checkpoint."""
-    from accelerate import Accelerator
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     from trainers.models import resolve_model
 
     hf_logging.disable_progress_bar()  # one progress bar: ours
 
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        gpu = torch.cuda.is_available() and not cfg.cpu
-        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=precision)
+    accelerator, precision = make_accelerator(cfg.mixed_precision, cfg.cpu)
     out = Path(cfg.output_dir)
-    checkpoints = out / "checkpoints"
-    if accelerator.is_main_process:
-        clean_orphans(checkpoints)
-        clean_orphans(out)
-    accelerator.wait_for_everyone()
+    clean_run_folder(accelerator, out)
 
-    # Data: read, split, hash.
-    pairs = read_preferences(cfg.snapshot)
-    if cfg.eval_snapshot:
-        train_raw, eval_raw = pairs, read_preferences(cfg.eval_snapshot)
-    else:
-        train_raw, eval_raw = split_pairs(pairs, cfg.eval_fraction)
-    studio = {
-        "recipe": RECIPE,
-        "kind": "reward",
-        "config": config_to_dict(cfg),
-        "snapshot_sha256": snapshot_sha256(cfg.snapshot),
-        "eval_snapshot_sha256": snapshot_sha256(cfg.eval_snapshot) if cfg.eval_snapshot else None,
-        "world_size": accelerator.num_processes,
-    }
+    # Data: read, split; the run's metadata (config, data hashes, parent).
+    train_raw, eval_raw = train_and_held_out(cfg.snapshot, cfg.eval_snapshot, cfg.eval_fraction)
+    base = resolve_model(cfg.model, Path(cfg.model_cache) if cfg.model_cache else None)
+    studio = run_metadata(RECIPE, CHECKPOINT_KIND, cfg, accelerator.num_processes, base)
 
     # Model: from the latest checkpoint when resuming, else the backbone with a fresh score head.
-    base = resolve_model(cfg.model, Path(cfg.model_cache) if cfg.model_cache else None)
-    studio["parent"] = {"model": cfg.model, "path": str(base)}
-    latest = find_latest_complete(checkpoints)
+    latest = find_latest_complete(out / "checkpoints")
     state = None
     if latest is not None:
-        _check_resumable(cfg, latest, studio)
+        check_resumable(cfg.output_dir, cfg.resume, latest, studio,
+                        harmless=HARMLESS_FIELDS | {"score_position_only_last_layer"})  # fmt: skip
         state = load_training_state(latest)  # verifies every file's sha256 before anything is loaded
     torch.manual_seed(cfg.seed)
     source = latest or base
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:  # Llama-style tokenizers: pad with EOS
-        if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {source} has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side, tokenizer.truncation_side = "right", cfg.truncation_side
+    tokenizer = load_tokenizer(source, cfg.truncation_side)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)
 
     train_pairs = encode_pairs(tokenizer, train_raw, cfg.max_length)
     eval_pairs = encode_pairs(tokenizer, eval_raw, cfg.max_length) if eval_raw else []
-    global_batch = cfg.batch_size * cfg.optim.grad_accum * accelerator.num_processes
-    if global_batch > len(train_pairs):
-        raise ConfigError(
-            cfg.snapshot,
-            "batch_size",
-            f"one step needs {global_batch} pairs (batch_size × grad_accum × processes) "
-            f"but the snapshot has {len(train_pairs)} training pairs",
-        )
-    sampler = StepSampler(len(train_pairs), global_batch, cfg.seed)
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * sampler.steps_per_epoch))
+    sampler, total_steps = plan_steps(cfg, accelerator.num_processes, len(train_pairs))
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     start_step = 0
     if state is not None:
@@ -257,10 +219,10 @@ def setup(cfg: RewardModelConfig) -> Run:
         start_step = int(state["step"])
     model, optimizer = accelerator.prepare(model, optimizer)
     truncated = sum(p.chosen.truncated or p.rejected.truncated for p in train_pairs + eval_pairs)
-    _info(
+    info(
         accelerator,
         f"{RECIPE}: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({truncated} truncated to "
-        f"{cfg.max_length} tokens), {total_steps} steps of {global_batch} pairs on {accelerator.device} "
+        f"{cfg.max_length} tokens), {total_steps} steps of {sampler.global_batch} pairs on {accelerator.device} "
         f"({precision})" + (f", resuming from {latest.name}" if latest else ""),
     )
     metrics = MetricsWriter(
@@ -270,37 +232,6 @@ def setup(cfg: RewardModelConfig) -> Run:
     )
     return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train_pairs, eval_pairs, sampler,
                total_steps, start_step, latest, metrics, studio)  # fmt: skip
-
-
-def _check_resumable(cfg: RewardModelConfig, latest: Path, studio: dict[str, Any]) -> None:
-    """Refuse to continue a run whose data or training-relevant settings differ."""
-    if not cfg.resume:
-        raise ConfigError(
-            cfg.output_dir,
-            "resume",
-            f"holds checkpoints ({latest.name}); set resume: true or use an empty folder",
-        )
-    previous = read_studio_json(latest)
-    harmless = {"progress", "resume", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-                "log_every", "output_dir", "snapshot", "eval_snapshot", "model_cache",
-                "score_position_only_last_layer"}  # fmt: skip
-    old, new = previous.get("config", {}), studio["config"]
-    changed = sorted(k for k in set(old) | set(new) if k not in harmless and old.get(k) != new.get(k))
-    for key in ("snapshot_sha256", "eval_snapshot_sha256", "world_size"):
-        if previous.get(key) != studio[key]:
-            changed.append(key)
-    if changed:
-        raise ConfigError(
-            cfg.output_dir,
-            changed[0],
-            f"cannot resume {latest.name}: {', '.join(changed)} changed since it was written; "
-            "use a new output_dir (or restore the old settings)",
-        )
-
-
-def _info(accelerator: Any, message: str) -> None:
-    if accelerator.is_main_process:
-        print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -324,9 +255,8 @@ def evaluate(run: Run) -> dict[str, float]:
     pairs, accelerator, model = run.eval_pairs, run.accelerator, run.model
     if not pairs:
         return {}
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per = math.ceil(len(pairs) / world)
-    mine = [min(i, len(pairs) - 1) for i in range(rank * per, (rank + 1) * per)]
+    mine = shard(len(pairs), accelerator.num_processes, accelerator.process_index)
+    per = len(mine)
     order = sorted(
         range(per), key=lambda j: -max(len(pairs[mine[j]].chosen.ids), len(pairs[mine[j]].rejected.ids))
     )
@@ -341,18 +271,7 @@ def evaluate(run: Run) -> dict[str, float]:
         scores[rows] = torch.stack([chosen, rejected, batch.margin], dim=1)
     model.train()
     scores = accelerator.gather(scores)[: len(pairs)].double().cpu()
-    chosen, rejected, margin = scores.unbind(1)
-    loss, stats = bradley_terry_loss(chosen, rejected, margin)
-    both = torch.cat([chosen, rejected])
-    return {
-        "eval/accuracy": float(stats["accuracy"]),
-        "eval/loss": float(loss),
-        "eval/ece": pairwise_ece(chosen - rejected),
-        "eval/margin": float(stats["reward_gap"]),
-        "eval/reward_mean": float(both.mean()),
-        "eval/reward_std": float(both.std()) if len(both) > 1 else 0.0,
-        "eval/pairs": float(len(pairs)),
-    }
+    return reward_eval_metrics(*scores.unbind(1))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -400,6 +319,7 @@ def train(cfg: RewardModelConfig, *, should_stop: Callable[[int], bool] | None =
     """Train (or resume) to ``total_steps``; ``should_stop(step)`` after a step checkpoints and stops."""
     started = time.perf_counter()
     run = setup(cfg)
+    run.metrics.write(run.start_step, {"run/total_steps": run.total_steps})  # for the studio's progress bar
     accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.optim.grad_accum
     pad_id = run.tokenizer.pad_token_id
@@ -450,11 +370,7 @@ def train(cfg: RewardModelConfig, *, should_stop: Callable[[int], bool] | None =
             if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
                 eval_metrics = evaluate(run)
                 run.metrics.write(step, eval_metrics)
-            stop = should_stop is not None and should_stop(step)
-            if world > 1:  # every process must stop at the same step (a signal may reach only some)
-                stop = bool(
-                    accelerator.reduce(torch.tensor([float(stop)], device=accelerator.device), "sum") > 0
-                )
+            stop = agree_to_stop(accelerator, should_stop is not None and should_stop(step))
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
                 stop and step < run.total_steps
             ):
@@ -475,6 +391,10 @@ def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics:
             started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
     return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.resumed_from, stopped,
                        time.perf_counter() - started)  # fmt: skip
+
+
+CONFIG_CLASS = RewardModelConfig
+"""The config dataclass (``python -m trainers --schema`` builds the studio's form from it)."""
 
 
 def main(argv: list[str] | None = None) -> int:

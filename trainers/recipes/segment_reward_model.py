@@ -49,32 +49,42 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from trainers import recipe_common
 from trainers import segments as seg
 from trainers.checkpoint import (
     TRAINING_STATE,
-    clean_orphans,
     find_latest_complete,
     folder_bytes,
     load_training_state,
     prune_checkpoints,
-    read_studio_json,
     step_dir,
     write_checkpoint,
 )
-from trainers.config import ConfigError, config_to_dict, run_recipe_cli
+from trainers.config import ConfigError, run_recipe_cli
 from trainers.data import (
     PreferencePair,
     StepSampler,
     is_held_out,
-    read_preferences,
     read_span_examples,
     snapshot_sha256,
-    split_pairs,
 )
 from trainers.losses import bradley_terry_loss
-from trainers.metrics import MetricsWriter, check_finite, pairwise_ece
+from trainers.metrics import MetricsWriter, check_finite, reward_eval_metrics
 from trainers.normalise import fit_global_normaliser, fit_location_normaliser
 from trainers.optim import build_optimizer
+from trainers.recipe_common import (
+    agree_to_stop,
+    check_resumable,
+    clean_run_folder,
+    disable_dropout,
+    info,
+    load_tokenizer,
+    make_accelerator,
+    plan_steps,
+    run_metadata,
+    shard,
+    train_and_held_out,
+)
 from trainers.segment_rm import (
     STUDIO_KEY,
     Reference,
@@ -97,24 +107,22 @@ from trainers.segment_rm_config import SegmentRewardModelConfig
 from trainers.segment_rm_config import SpanConfig as SpanConfig  # re-exported
 
 RECIPE = "segment_reward_model"
+CHECKPOINT_KIND = "segment_reward"
+"""What ``final/`` is, for the studio's checkpoint registry."""
+SNAPSHOT_KINDS = ("reward", "preferences")
+"""Dataset snapshot kinds (studio export kinds) this recipe trains on."""
+BASE_KIND = "policy"
+"""Which base checkpoints fit: ``policy`` (a causal LM) or ``encoder_or_policy``."""
+RESUME_KEYS = (*recipe_common.RESUME_KEYS, "span_snapshot_sha256")
+"""studio.json entries that must match for a run to resume: the common ones and the span snapshot."""
 
 
 @dataclass(frozen=True)
-class TrainResult:
-    """What a run produced."""
+class TrainResult(recipe_common.TrainResult):
+    """What a run produced: the common fields (:class:`trainers.recipe_common.TrainResult`) and ``info``."""
 
-    output_dir: Path
-    final_checkpoint: Path | None
-    """``<output_dir>/final``; None when the run was stopped early."""
-    last_checkpoint: Path | None
-    steps: int
-    metrics: dict[str, float]
-    """The last held-out evaluation (``eval/…``), empty without held-out pairs."""
     info: SegmentRMInfo
-    """τ_H, reference, normaliser (None when stopped early)."""
-    resumed_from: Path | None
-    stopped: bool
-    seconds: float
+    """τ_H, reference, normaliser (the normaliser is None when stopped early)."""
 
 
 @dataclass
@@ -158,32 +166,18 @@ def _calibration_split(
 
 def setup(cfg: SegmentRewardModelConfig) -> Run:
     """Load data and models, segment every response, build the optimizer, restore the latest checkpoint."""
-    from accelerate import Accelerator
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from trainers.models import resolve_model
 
     hf_logging.disable_progress_bar()
 
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        gpu = torch.cuda.is_available() and not cfg.cpu
-        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=precision)
+    accelerator, precision = make_accelerator(cfg.mixed_precision, cfg.cpu)
     out = Path(cfg.output_dir)
-    checkpoints = out / "checkpoints"
-    if accelerator.is_main_process:
-        clean_orphans(checkpoints)
-        clean_orphans(out)
-    accelerator.wait_for_everyone()
+    clean_run_folder(accelerator, out)
 
     # Data: read, split (held out, calibration), hash.
-    pairs = read_preferences(cfg.snapshot)
-    if cfg.eval_snapshot:
-        train_raw, eval_raw = pairs, read_preferences(cfg.eval_snapshot)
-    else:
-        train_raw, eval_raw = split_pairs(pairs, cfg.eval_fraction)
+    train_raw, eval_raw = train_and_held_out(cfg.snapshot, cfg.eval_snapshot, cfg.eval_fraction)
     cal_raw: list[PreferencePair] = []
     if cfg.normaliser.calibration_fraction > 0:
         train_raw, cal_raw = _calibration_split(train_raw, cfg.normaliser.calibration_fraction)
@@ -195,45 +189,26 @@ def setup(cfg: SegmentRewardModelConfig) -> Run:
         raise ConfigError(cfg.snapshot, None, "no training pairs left after the held-out split")
     if cfg.spans.weight > 0 and not cfg.spans.snapshot:
         raise ConfigError(cfg.output_dir, "spans.snapshot", "spans.weight > 0 needs a segments snapshot")
-    studio: dict[str, Any] = {
-        "recipe": RECIPE,
-        "kind": "segment-reward",
-        "config": config_to_dict(cfg),
-        "snapshot_sha256": snapshot_sha256(cfg.snapshot),
-        "eval_snapshot_sha256": snapshot_sha256(cfg.eval_snapshot) if cfg.eval_snapshot else None,
-        "span_snapshot_sha256": snapshot_sha256(cfg.spans.snapshot) if cfg.spans.snapshot else None,
-        "world_size": accelerator.num_processes,
-    }
-
     base = resolve_model(cfg.model, Path(cfg.model_cache) if cfg.model_cache else None)
-    studio["parent"] = {"model": cfg.model, "path": str(base)}
-    latest = find_latest_complete(checkpoints)
-    previous = _check_resumable(cfg, latest, studio) if latest is not None else None
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {base} has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side, tokenizer.truncation_side = "right", cfg.truncation_side
+    studio = run_metadata(RECIPE, CHECKPOINT_KIND, cfg, accelerator.num_processes, base)
+    studio["span_snapshot_sha256"] = snapshot_sha256(cfg.spans.snapshot) if cfg.spans.snapshot else None
+    latest = find_latest_complete(out / "checkpoints")
+    previous = None
+    if latest is not None:
+        previous = check_resumable(cfg.output_dir, cfg.resume, latest, studio, keys=RESUME_KEYS)
+    tokenizer = load_tokenizer(base, cfg.truncation_side)
 
     # Segmentation: every response segmented once, by the frozen reference.
-    train, held_out, calibration, spans, info = _segment_data(
+    train, held_out, calibration, spans, segment_info = _segment_data(
         cfg, tokenizer, base, str(accelerator.device), previous, train_raw, eval_raw, cal_raw
     )
-    tau = info.threshold
+    tau = segment_info.threshold
 
     # Model: from the latest checkpoint when resuming, else the backbone with a fresh value head.
     torch.manual_seed(cfg.seed)
     model = SegmentRewardModel.from_pretrained(latest or base)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    global_batch = cfg.batch_size * cfg.optim.grad_accum * accelerator.num_processes
-    if global_batch > len(train_raw):
-        raise ConfigError(cfg.snapshot, "batch_size",
-                          f"one step needs {global_batch} pairs (batch_size × grad_accum × processes) "
-                          f"but the snapshot has {len(train_raw)} training pairs")  # fmt: skip
-    sampler = StepSampler(len(train_raw), global_batch, cfg.seed)
+    disable_dropout(model)
+    sampler, total_steps = plan_steps(cfg, accelerator.num_processes, len(train_raw))
     span_sampler = None
     if spans is not None:
         span_global = cfg.spans.batch_size * cfg.optim.grad_accum * accelerator.num_processes
@@ -242,7 +217,6 @@ def setup(cfg: SegmentRewardModelConfig) -> Run:
                               f"one step needs {span_global} span-labelled responses, the snapshot has "
                               f"{len(spans.encoded)}")  # fmt: skip
         span_sampler = StepSampler(len(spans.encoded), span_global, cfg.seed + 1)
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * sampler.steps_per_epoch))
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     start_step = 0
     if latest is not None:
@@ -251,18 +225,18 @@ def setup(cfg: SegmentRewardModelConfig) -> Run:
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
     model, optimizer = accelerator.prepare(model, optimizer)
-    _info(
+    info(
         accelerator,
         f"{RECIPE}: {len(train_raw)} train / {len(eval_raw)} held-out / {len(calibration[0].encoded)} calibration pairs, "
         f"τ_H = {tau:.4g}{' (calibrated)' if cfg.segmentation.threshold is None else ''}, mean segment length "
-        f"{info.mean_segment_length:.2f} tokens, {total_steps} steps of {global_batch} pairs on "
+        f"{segment_info.mean_segment_length:.2f} tokens, {total_steps} steps of {sampler.global_batch} pairs on "
         f"{accelerator.device} ({precision})" + (f", resuming from {latest.name}" if latest else ""),
     )
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_step if latest else None,
                             enabled=accelerator.is_main_process)  # fmt: skip
     return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train, held_out, calibration,
                [p.margin for p in train_raw], [p.margin for p in eval_raw], spans, sampler, span_sampler,
-               total_steps, start_step, latest, metrics, info, studio)  # fmt: skip
+               total_steps, start_step, latest, metrics, segment_info, studio)  # fmt: skip
 
 
 def _segment_data(
@@ -307,7 +281,7 @@ def _segment_data(
     # pooled mean segment length: tokens covered by segments (EOS excluded in dense modes) / segments
     pairs = [(e, x) for side in train for e, x in zip(side.encoded, side.ends, strict=True)]
     covered = sum(x[-1] - e.response_start + 1 for e, x in pairs)
-    info = SegmentRMInfo(
+    segment_info = SegmentRMInfo(
         threshold=float(tau),
         reference=str(base),
         prompt_format="text" if isinstance(train_raw[0].prompt, str) else "chat",
@@ -316,32 +290,7 @@ def _segment_data(
         mean_segment_length=covered / max(sum(len(x) for _, x in pairs), 1),
         extra={"threshold_calibrated": cfg.segmentation.threshold is None},
     )
-    return train, held_out, calibration, spans, info
-
-
-def _check_resumable(cfg: SegmentRewardModelConfig, latest: Path, studio: dict[str, Any]) -> dict[str, Any]:
-    """Refuse to continue a run whose data or training-relevant settings differ; return its studio.json."""
-    if not cfg.resume:
-        raise ConfigError(cfg.output_dir, "resume",
-                          f"holds checkpoints ({latest.name}); set resume: true or use an empty folder")  # fmt: skip
-    previous = read_studio_json(latest)
-    harmless = {"progress", "resume", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints",
-                "log_every", "output_dir", "snapshot", "eval_snapshot", "model_cache"}  # fmt: skip
-    old, new = previous.get("config", {}), studio["config"]
-    changed = sorted(k for k in set(old) | set(new) if k not in harmless and old.get(k) != new.get(k))
-    for key in ("snapshot_sha256", "eval_snapshot_sha256", "span_snapshot_sha256", "world_size"):
-        if previous.get(key) != studio[key]:
-            changed.append(key)
-    if changed:
-        raise ConfigError(cfg.output_dir, changed[0],
-                          f"cannot resume {latest.name}: {', '.join(changed)} changed since it was written; "
-                          "use a new output_dir (or restore the old settings)")  # fmt: skip
-    return previous
-
-
-def _info(accelerator: Any, message: str) -> None:
-    if accelerator.is_main_process:
-        print(message, file=sys.stderr, flush=True)
+    return train, held_out, calibration, spans, segment_info
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -365,9 +314,8 @@ def span_loss(run: Run, index: list[int]) -> tuple[torch.Tensor, dict[str, torch
 def _score_sides(run: Run, sides: tuple[Side, Side]) -> torch.Tensor:
     """(N, 2) chosen/rejected scores of every pair, sharded over processes, gathered."""
     n, accelerator = len(sides[0].encoded), run.accelerator
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per = math.ceil(n / world)
-    mine = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+    mine = shard(n, accelerator.num_processes, accelerator.process_index)
+    per = len(mine)
     out = torch.zeros(per, 2, device=accelerator.device)
     run.model.eval()
     for begin in range(0, per, run.cfg.eval_batch_size):
@@ -382,20 +330,8 @@ def evaluate(run: Run) -> dict[str, float]:
     """Score every held-out pair → ``eval/…`` metrics (accuracy, loss, ECE, gap, reward mean/std)."""
     if not run.held_out[0].encoded:
         return {}
-    scores = _score_sides(run, run.held_out)
-    chosen, rejected = scores.unbind(1)
-    margin = torch.tensor(run.held_out_margin, dtype=torch.float64)
-    loss, stats = bradley_terry_loss(chosen, rejected, margin)
-    both = torch.cat([chosen, rejected])
-    return {
-        "eval/accuracy": float(stats["accuracy"]),
-        "eval/loss": float(loss),
-        "eval/ece": pairwise_ece(chosen - rejected),
-        "eval/margin": float(stats["reward_gap"]),
-        "eval/reward_mean": float(both.mean()),
-        "eval/reward_std": float(both.std()) if len(both) > 1 else 0.0,
-        "eval/pairs": float(len(chosen)),
-    }
+    chosen, rejected = _score_sides(run, run.held_out).unbind(1)
+    return reward_eval_metrics(chosen, rejected, torch.tensor(run.held_out_margin, dtype=torch.float64))
 
 
 @torch.no_grad()
@@ -468,6 +404,7 @@ def train(cfg: SegmentRewardModelConfig, *, should_stop: Callable[[int], bool] |
     """
     started = time.perf_counter()
     run = setup(cfg)
+    run.metrics.write(run.start_step, {"run/total_steps": run.total_steps})  # for the studio's progress bar
     accelerator, model, optimizer = run.accelerator, run.model, run.optimizer
     world, rank, accum = accelerator.num_processes, accelerator.process_index, cfg.optim.grad_accum
     lam = cfg.spans.weight if run.spans is not None else 0.0
@@ -526,7 +463,7 @@ def train(cfg: SegmentRewardModelConfig, *, should_stop: Callable[[int], bool] |
             if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
                 eval_metrics = evaluate(run)
                 run.metrics.write(step, eval_metrics)
-            stop = should_stop is not None and should_stop(step)
+            stop = agree_to_stop(accelerator, should_stop is not None and should_stop(step))
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
                 stop and step < run.total_steps
             ):
@@ -546,8 +483,12 @@ def train(cfg: SegmentRewardModelConfig, *, should_stop: Callable[[int], bool] |
 
 def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics: dict[str, float],
             started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
-    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.info, run.resumed_from, stopped,
-                       time.perf_counter() - started)  # fmt: skip
+    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.resumed_from, stopped,
+                       time.perf_counter() - started, info=run.info)  # fmt: skip
+
+
+CONFIG_CLASS = SegmentRewardModelConfig
+"""The config dataclass (``python -m trainers --schema`` builds the studio's form from it)."""
 
 
 def main(argv: list[str] | None = None) -> int:
