@@ -21,6 +21,7 @@ RECIPES: dict[str, str] = {
     "reward_model": "trainers.recipes.reward_model",
     "segment_reward_model": "trainers.recipes.segment_reward_model",
     "dpo": "trainers.recipes.dpo",
+    "reinforce": "trainers.recipes.reinforce",
 }
 """Recipe name → module with ``main(argv)``."""
 
