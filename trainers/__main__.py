@@ -22,6 +22,8 @@ RECIPES: dict[str, str] = {
     "segment_reward_model": "trainers.recipes.segment_reward_model",
     "dpo": "trainers.recipes.dpo",
     "reinforce": "trainers.recipes.reinforce",
+    "ppo": "trainers.recipes.ppo",
+    "nlpo": "trainers.recipes.nlpo",
 }
 """Recipe name → module with ``main(argv)``."""
 
