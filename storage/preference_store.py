@@ -39,6 +39,15 @@ from storage.models import (
 )
 from storage.preference_import import Content, PreferenceRecord, prompt_key
 
+IMPORT_PATH_PREFIX = "imported:"
+"""Path prefix of an import's stand-in checkpoint (``imported:<sha256 of the file>``)."""
+
+
+def is_import_placeholder(path: str | None) -> bool:
+    """Whether a checkpoint path is an import's stand-in: it records where imported responses came
+    from and has no weights, so it can neither generate nor be a training base."""
+    return str(path or "").startswith(IMPORT_PATH_PREFIX)
+
 
 @dataclass
 class WriteCounts:
@@ -70,7 +79,7 @@ def import_user(session: Session) -> User:
 
 
 def _import_checkpoint(session: Session, project_id: int, file_sha256: str, display_name: str) -> Checkpoint:
-    path = f"imported:{file_sha256}"
+    path = f"{IMPORT_PATH_PREFIX}{file_sha256}"
     ckpt = crud.find_checkpoint(session, path=path, kind=CheckpointKind.policy)
     if ckpt is None:
         ckpt = Checkpoint(

@@ -12,13 +12,15 @@ Each pass (:meth:`Worker.tick`):
    ``max_attempts``);
 2. with a child running: ingest new metrics lines, heartbeat every ``heartbeat_s``, stop the child on a
    cancel request or past the job's time limit (SIGTERM: the recipe checkpoints and exits 143;
-   SIGKILL after ``grace_s``), and when it has exited, map its exit status to the job's end state;
+   SIGKILL after ``grace_s`` plus twice its longest step), and when it has exited, map its exit
+   status to the job's end state;
 3. with no child: claim the oldest queued job, write ``config.json`` into its folder and start
    ``python -m trainers <recipe> --config <folder>/config.json`` (``accelerate launch --num_processes N
    -m trainers ...`` when the job asks for N > 1 processes), stdout and stderr to ``job.log``.
 
 Exit status → state: 0 succeeded (``final/`` registered as a checkpoint with its lineage); 143 after
-our cancel → cancelled (the last step checkpoint registered); 143 or SIGTERM otherwise → interrupted
+our cancel → cancelled (the last step checkpoint registered, as a hard-linked twin under ``stopped/`` that
+a resumed run's pruning cannot remove); 143 or SIGTERM otherwise → interrupted
 (resumed later); 2 bad_input, 3 nan_loss (with the step), 4 disk_full, 5/6 crashed; an out-of-memory
 traceback → oom; a signal we did not send → crashed ("killed by signal N"); past the time limit →
 timeout. The message is the child's ``error[code]: message`` line, never a traceback.
@@ -57,6 +59,7 @@ from studio.services.job_support import (
     LOG_NAME,
     checkpoint_facts,
     child_env,
+    keep_stopped,
     last_error_line,
     read_log_tail,
     recipe_schemas,
@@ -204,6 +207,9 @@ class _Child:
     """None, or why we sent SIGTERM: cancel, shutdown, timeout."""
     term_at: float | None = None
     killed: bool = False
+    grew_at: float | None = None
+    step_s: float = 0.0
+    """Longest wait seen between two growths of metrics.jsonl: about one step (with its checkpoint)."""
 
 
 class Worker:
@@ -437,8 +443,13 @@ class Worker:
                 self._terminate(child, "cancel")
             elif child.timeout_s and now - child.started > child.timeout_s:
                 self._terminate(child, "timeout")
-        elif not child.killed and child.term_at is not None and now - child.term_at > self.grace_s:
+        elif not child.killed and child.term_at is not None and now - child.term_at > self.grace_for(child):
             self._kill(child)
+
+    def grace_for(self, child: _Child) -> float:
+        """Seconds from SIGTERM to SIGKILL: ``grace_s`` plus twice the trainer's longest step so far (it
+        stops at a step boundary, then checkpoints; a CPU policy step can take minutes), at most 10 × grace_s."""
+        return min(self.grace_s + 2 * child.step_s, 10 * self.grace_s)
 
     def _ingest(self, child: _Child) -> None:
         path = child.output_dir / METRICS_NAME
@@ -450,6 +461,10 @@ class Worker:
             return
         with self.db.write() as s:
             child.cursor = q.ingest_metrics(s, child.job_id, path, child.cursor)
+        now = time.monotonic()
+        if child.grew_at is not None:
+            child.step_s = max(child.step_s, now - child.grew_at)
+        child.grew_at = now
 
     def _terminate(self, child: _Child, reason: str) -> None:
         log.info("job %s: stopping its trainer (%s)", child.job_id, reason)
@@ -484,6 +499,11 @@ class Worker:
                     from trainers.checkpoint import find_latest_complete  # hashlib/json only
 
                     folder = find_latest_complete(child.output_dir / "checkpoints")
+                    if folder is not None:
+                        try:
+                            folder = keep_stopped(folder, child.output_dir, child.job_id)
+                        except OSError:  # e.g. disk full: register it where it is (a resume may prune it)
+                            log.exception("job %s: could not keep its stopped checkpoint", child.job_id)
                 facts = checkpoint_facts(folder) if folder is not None else None
                 kind = self._checkpoint_kind(child.recipe, facts.studio) if facts else None
             with self.db.write() as s:

@@ -23,6 +23,7 @@ from storage import crud
 from storage.annotation_queue import overlap_selected
 from storage.db import Database
 from storage.models import Checkpoint, CheckpointKind, Project
+from storage.preference_store import is_import_placeholder
 from studio.services.errors import ServiceError
 from studio.settings import Settings
 
@@ -119,7 +120,11 @@ class GenerationService:
         default = self.ensure_default_model()
         with self.db.read() as s:
             rows = crud.list_checkpoints(s, kind=CheckpointKind.policy, project_id=project_id)
-        others = [_choice(r) for r in rows if r.id != default.checkpoint_id and r.status == "ready"]
+        others = [
+            _choice(r)
+            for r in rows
+            if r.id != default.checkpoint_id and r.status == "ready" and not is_import_placeholder(r.path)
+        ]
         return [default, *others]
 
     def register_model(self, ref: str, *, name: str | None = None) -> ModelChoice:

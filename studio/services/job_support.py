@@ -1,6 +1,7 @@
 """The parts of the job service that need no database: recipe schemas (one ``python -m trainers
 --schema`` subprocess per process, cached), form values → typed config values, the environment of
-trainer subprocesses, and reading a job's files (its log, a checkpoint's manifest).
+trainer subprocesses, and a job's files (its log, a checkpoint's manifest, the kept twin of a cancelled
+job's checkpoint).
 
 The studio never imports the trainers' torch code; ``trainers.checkpoint`` is hashlib and json only.
 """
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,6 +29,8 @@ from studio.settings import OFFLINE_ENV
 LOG_NAME = "job.log"
 CONFIG_NAME = "config.json"
 LOG_TAIL_LINES = 200
+STOPPED_DIR = "stopped"
+"""Where a cancelled job's step checkpoint is kept for the registry (see :func:`keep_stopped`)."""
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -295,3 +299,34 @@ def nest(values: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return out
+
+
+def keep_stopped(checkpoint: Path, job_folder: Path, job_id: int) -> Path:
+    """A lasting twin of a cancelled job's step checkpoint for the registry to point at:
+    ``<job folder>/stopped/job-<id>-step-N``, hard links of its files (copies where linking fails).
+
+    The recipe prunes its own ``checkpoints/step-N`` once a resumed run has written newer ones
+    (``keep_checkpoints``), which would leave the registered checkpoint without files. Checkpoint files
+    are written once (atomic folder renames) and never changed in place, so links are safe.
+    """
+    dest = job_folder / STOPPED_DIR / f"job-{job_id}-{checkpoint.name}"
+    if dest.is_dir():
+        return dest
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for src in sorted(checkpoint.rglob("*")):
+            target = tmp / src.relative_to(checkpoint)
+            if src.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, target)
+            except OSError:
+                shutil.copy2(src, target)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

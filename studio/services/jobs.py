@@ -33,6 +33,7 @@ from storage.models import (
     JobState,
     utcnow,
 )
+from storage.preference_store import is_import_placeholder
 from studio.services.errors import Conflict, NotFound, ServiceError
 from studio.services.job_support import (
     CONFIG_NAME,
@@ -280,6 +281,10 @@ class JobService:
                 if base.status == CheckpointStatus.unloadable:
                     raise ServiceError(
                         f"checkpoint {base.id} is unloadable (its files do not match its manifest)"
+                    )
+                if is_import_placeholder(base.path):
+                    raise ServiceError(
+                        f"checkpoint {base.id} stands for imported data and has no weights; choose a model"
                     )
                 if spec.base_kind == "policy" and base.kind != CheckpointKind.policy:
                     raise ServiceError(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from storage.preference_store import is_import_placeholder
 from studio.tabs.common import inert
 
 POLL_S = 2.0
@@ -147,10 +148,14 @@ def snapshot_label(s: Any) -> str:
 
 
 def base_choices(base_kind: str, models: list[Any]) -> list[tuple[str, int]]:
-    """Dropdown choices for the base model: ready policy checkpoints, plus the default encoder for a
-    recipe whose base may be an encoder (`encoder_or_policy`)."""
+    """Dropdown choices for the base model: ready policy checkpoints (not the weightless stand-ins of
+    imported data), plus the default encoder for a recipe whose base may be an encoder (`encoder_or_policy`)."""
     choices = [
-        (f"#{m.id} {m.name}", m.id) for m in models if str(m.kind) == "policy" and str(m.status) == "ready"
+        (f"#{m.id} {m.name}", m.id)
+        for m in models
+        if str(m.kind) == "policy"
+        and str(m.status) == "ready"
+        and not is_import_placeholder(getattr(m, "path", None))
     ]
     if base_kind == "encoder_or_policy":
         choices.insert(0, (f"{DEFAULT_ENCODER} (the recipe's default encoder)", DEFAULT_BASE))

@@ -12,29 +12,34 @@ checkpoint file is tampered with on disk to see Verify mark it unloadable.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 from conftest import Studio
 from playwright.sync_api import expect
+from training_helpers import (
+    ACTION_MS,
+    JOB_S,
+    PAIRS,
+    check,
+    choose,
+    create_project_with_preferences,
+    name_job,
+    open_tab,
+    progress_text,
+    read_db,
+    set_number,
+)
 
-from storage.db import Database
 from storage.models import Checkpoint, Job
-from studio.settings import Settings
 
 pytestmark = pytest.mark.browser
 
-PAIRS = 8
 STEPS = 240
 STEP_SLEEP_S = 0.05
 """A run takes at least 12 s (plus 10-100 ms of work a step on a busy machine): the cancel (step ≥ 1
 seen, one poll, one click) lands well before the end."""
-ACTION_MS = 30_000
-"""Milliseconds allowed for a click's answer on a busy machine."""
-JOB_S = 60_000
-"""Milliseconds allowed for one job (child start-up with torch included)."""
 
 
 @pytest.fixture
@@ -45,69 +50,14 @@ def slow_studio(tmp_path, tiny_model, monkeypatch):
     server.stop()
 
 
-def open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
-
-
-def preference_file(tmp_path: Path) -> Path:
-    file = tmp_path / "prefs.jsonl"
-    rows = [
-        {
-            "prompt": f"Question {i}: say something kind.",
-            "chosen": f"A kind answer, number {i}.",
-            "rejected": "No.",
-        }
-        for i in range(PAIRS)
-    ]
-    file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return file
-
-
-def create_project_with_preferences(page, tmp_path: Path) -> None:
-    page.get_by_text("New project").click()
-    page.locator("#project-name textarea, #project-name input").first.fill("RM run")
-    page.locator("#create-project").click()
-    expect(page.locator("#projects-status")).to_contain_text("Created project RM run")
-    open_tab(page, "Datasets")
-    page.locator("#ds-import-file input[type=file]").set_input_files(str(preference_file(tmp_path)))
-    page.locator("#ds-import").click()
-    expect(page.locator("#ds-import-result")).to_contain_text(f"Imported {PAIRS} row(s)", timeout=30_000)
-
-
-def set_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input")
-    box.fill(str(value))
-    box.press("Tab")
-
-
-def choose(page, elem_id: str, option: str) -> None:
-    """Pick an option of a Gradio dropdown by (part of) its label."""
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=re.compile(re.escape(option))).first.click()
-    expect(page.locator(f"#{elem_id} input")).to_have_value(re.compile(re.escape(option)))
-
-
 def fill_form(page, name: str, steps: int) -> None:
     form = "train-reward_model"
     set_number(page, f"{form}-max_steps", steps)
     set_number(page, f"{form}-batch_size", 2)
     set_number(page, f"{form}-eval_fraction", 0)
     set_number(page, f"{form}-max_length", 64)
-    cpu = page.locator(f"#{form}-cpu input[type=checkbox]")
-    if not cpu.is_checked():
-        cpu.check()
-    page.get_by_text("Run options").click()
-    name_box = page.locator("#train-job-name input, #train-job-name textarea").first
-    name_box.fill(name)
-    page.get_by_text("Run options").click()
-
-
-def progress_text(page):
-    return page.locator("#train-progress-text")
-
-
-def read_db(studio: Studio):
-    return Database.from_url(Settings(data_dir=studio.data_dir).database_url)
+    check(page, f"{form}-cpu")
+    name_job(page, name)
 
 
 def test_launch_cancel_resume_watch_and_lineage(slow_studio, page, login, tmp_path):

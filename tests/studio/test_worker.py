@@ -122,7 +122,7 @@ def test_cancel_stops_with_a_checkpoint_and_resume_finishes_the_run(env, worker,
     d = env.job(job.id)
     assert (d.state, d.exit_code) == ("cancelled", 143)
     ck = d.output_checkpoint  # the checkpoint the recipe wrote on SIGTERM
-    assert ck is not None and Path(ck.path).parent.name == "checkpoints" and "cancelled" in ck.name
+    assert ck is not None and Path(ck.path).parent.name == "stopped" and "cancelled" in ck.name
     stopped_at = json.loads((Path(ck.path) / "studio.json").read_text())["step"]
     assert 2 <= stopped_at < 10 and ck.status == "ready"
 
