@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
 from storage import crud
 from storage.annotation_queue import overlap_selected
 from storage.db import Database
-from storage.models import Checkpoint, CheckpointKind, Project
+from storage.models import Checkpoint, CheckpointKind, CheckpointStatus, Project
 from storage.preference_store import is_import_placeholder
 from studio.services.errors import ServiceError
 from studio.settings import Settings
@@ -141,6 +142,25 @@ class GenerationService:
         # Models are studio-wide: one registered in any project can generate in every project.
         return self._checkpoint_for(ref, name=name or Path(ref).name or ref, recipe="external")
 
+    def _check_loadable(self, ck: Checkpoint) -> None:
+        """Refuse a checkpoint marked unloadable, and re-hash a trained one against the manifest digest
+        recorded at registration before its weights are read (R-JOB-07); a mismatch marks it unloadable."""
+        from studio.services.job_support import checkpoint_facts
+
+        if ck.status == CheckpointStatus.unloadable:
+            raise ServiceError(f"{ck.name} is unloadable: its files do not match its manifest")
+        if not ck.manifest_sha256:  # a base model by name or folder: nothing was registered to check
+            return
+        problem = checkpoint_facts(ck.path, ck.manifest_sha256).problem
+        if problem:
+            with self.db.write() as s:
+                s.execute(
+                    sa.update(Checkpoint)
+                    .where(Checkpoint.id == ck.id)
+                    .values(status=CheckpointStatus.unloadable)
+                )
+            raise ServiceError(f"{ck.name} is unloadable and was not loaded: {problem}")
+
     # ----------------------------------------------------------------------- generation
 
     def run(
@@ -195,6 +215,7 @@ class GenerationService:
         progress(0.0, f"loading {report.models[0]}")
         loaded = []
         for ck in ckpts:
+            self._check_loadable(ck)
             try:
                 loaded.append(self.cache.get(ck.path))
             except ValueError as exc:  # ModelNotFoundError is a ValueError
