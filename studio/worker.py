@@ -141,10 +141,22 @@ def classify(
 
 
 def trainer_command(python: str, recipe: str, config_path: str | Path, processes: int = 1) -> list[str]:
-    """``python -m trainers <recipe> --config <path>``, under ``accelerate launch`` for several processes."""
+    """``python -m trainers <recipe> --config <path>``, under ``accelerate launch`` for several processes.
+
+    ``--multi_gpu`` is accelerate's data-parallel launcher (torchrun underneath); without it, and with
+    no accelerate config file, ``--num_processes N`` silently runs ONE process on a machine without a
+    GPU. On CPU the ranks then train over gloo (tests/studio/test_worker_multiprocess.py)."""
     args = ["-m", "trainers", recipe, "--config", str(config_path)]
     if processes > 1:
-        return [python, "-m", "accelerate.commands.launch", "--num_processes", str(processes), *args]
+        return [
+            python,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            *args,
+        ]
     return [python, *args]
 
 

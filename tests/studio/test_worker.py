@@ -55,7 +55,8 @@ def test_trainer_command_uses_accelerate_for_several_processes():
     single = ["py", "-m", "trainers", "dpo", "--config", "/j/config.json"]
     assert trainer_command("py", "dpo", "/j/config.json") == single
     assert trainer_command("py", "dpo", "c.json", 4) == [
-        "py", "-m", "accelerate.commands.launch", "--num_processes", "4", "-m", "trainers", "dpo", "--config", "c.json",
+        "py", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4", "-m", "trainers", "dpo",
+        "--config", "c.json",
     ]  # fmt: skip
 
 
