@@ -215,7 +215,7 @@ def test_the_heartbeat_goes_on_while_a_finished_checkpoint_is_hashed(env, monkey
     import time
 
     from studio import worker as worker_module
-    from studio.worker import _Child, _try_lock
+    from studio.worker import _Child, try_lock
     from trainers.checkpoint import write_checkpoint
 
     w = Worker(env.db, env.settings, **{**FAST, "heartbeat_s": 0.1})
@@ -243,7 +243,7 @@ def test_the_heartbeat_goes_on_while_a_finished_checkpoint_is_hashed(env, monkey
     proc.wait()
     now = time.monotonic()
     log = open(out / "job.log", "ab")  # noqa: SIM115 - closed by _finish
-    child = _Child(job.id, "reward_model", out, proc, log, _try_lock(out), None, now, now)
+    child = _Child(job.id, "reward_model", out, proc, log, try_lock(out), None, now, now)
     w._child = child
     try:
         w._finish(child, 0)
@@ -256,7 +256,7 @@ def test_the_heartbeat_goes_on_while_a_finished_checkpoint_is_hashed(env, monkey
 
 def test_a_trainer_whose_pid_cannot_be_recorded_is_stopped_at_once(env, monkeypatch):
     from studio import worker as worker_module
-    from studio.worker import _try_lock
+    from studio.worker import try_lock
 
     def locked(*_args, **_kwargs):
         raise RuntimeError("database is locked")
@@ -270,7 +270,7 @@ def test_a_trainer_whose_pid_cannot_be_recorded_is_stopped_at_once(env, monkeypa
         w.shutdown()
     d = env.job(job.id)
     assert (d.state, d.failure_code) == ("failed", "crashed") and "database is locked" in d.failure_message
-    lock = _try_lock(Path(d.output_dir))  # no untracked trainer goes on holding (and writing) the folder
+    lock = try_lock(Path(d.output_dir))  # no untracked trainer goes on holding (and writing) the folder
     assert lock is not None
     lock.close()
 
