@@ -14,6 +14,7 @@ One thread per run by default so that runs are comparable on a shared two-core m
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -100,12 +101,15 @@ def _load_rows() -> list[dict[str, Any]]:
 
 
 def _save_row(row: dict[str, Any]) -> None:
-    rows = [r for r in _load_rows() if (r["algo"], r["seed"]) != (row["algo"], row["seed"])]
-    rows.append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = ROWS.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    tmp.replace(ROWS)
+    # Several seeds may run as parallel processes: the read-modify-write of the rows file is locked.
+    with open(RESULTS / ".rl_sentiment.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = [r for r in _load_rows() if (r["algo"], r["seed"]) != (row["algo"], row["seed"])]
+        rows.append(row)
+        tmp = ROWS.with_suffix(f".jsonl.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        tmp.replace(ROWS)
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
