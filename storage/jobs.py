@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, select
 
+from storage.arena import enter_arena
 from storage.models import (
     Checkpoint,
     CheckpointKind,
@@ -455,6 +456,9 @@ def register_checkpoint(
         else None
     )
     session.flush()
+    if kind == CheckpointKind.policy and job.project_id is not None and row.parent_id is not None:
+        # Auto-arena: a new policy meets its parent in the project's blind arena.
+        enter_arena(session, job.project_id, row.id, source="auto")
     return row
 
 

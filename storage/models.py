@@ -92,6 +92,9 @@ class ComparisonPurpose(enum.StrEnum):
 class TaskKind(enum.StrEnum):
     pairwise = "pairwise"
     segment = "segment"
+    # An arena battle reserved for one rater; apart from `pairwise` so the annotation queue
+    # never hands out (or counts) arena battles.
+    arena = "arena"
 
 
 class AssignmentStatus(enum.StrEnum):
@@ -114,6 +117,13 @@ class Strength(enum.StrEnum):
     slight = "slight"
     clear = "clear"
     much = "much"
+
+
+class ArenaSource(enum.StrEnum):
+    """How a model entered a project's arena: registered by a training job, or added by an admin."""
+
+    auto = "auto"
+    manual = "manual"
 
 
 class Polarity(enum.StrEnum):
@@ -370,6 +380,38 @@ class SpanSuggestion(SQLModel, table=True):
     created_at: datetime = _created()
 
 
+# --------------------------------------------------------------------------- arena and reward scores
+
+
+class ArenaModel(SQLModel, table=True):
+    """A checkpoint taking part in a project's blind arena; the anchor is pinned at 1000 on the board."""
+
+    __tablename__ = "arena_models"
+    __table_args__ = (sa.UniqueConstraint("project_id", "checkpoint_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    project_id: int = Field(foreign_key="projects.id", index=True)
+    checkpoint_id: int = Field(foreign_key="checkpoints.id")
+    is_anchor: bool = Field(default=False)
+    # Removed models stay (their battles still count) but get no new battles.
+    active: bool = Field(default=True)
+    source: ArenaSource = Field(sa_column=sa.Column(_enum(ArenaSource, "arena_source"), nullable=False))
+    added_at: datetime = _created()
+    added_by: int | None = Field(default=None, foreign_key="users.id")
+
+
+class RewardScore(SQLModel, table=True):
+    """A reward model's score of one generation (CRUD in storage/reward_scores.py)."""
+
+    __tablename__ = "reward_scores"
+    __table_args__ = (sa.UniqueConstraint("checkpoint_id", "generation_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    # The reward model that scored.
+    checkpoint_id: int = Field(foreign_key="checkpoints.id")
+    generation_id: int = Field(foreign_key="generations.id", index=True)
+    score: float
+    created_at: datetime = _created()
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -460,4 +502,6 @@ ALL_TABLES = [
     DatasetSnapshot,
     Job,
     MetricPoint,
+    ArenaModel,
+    RewardScore,
 ]

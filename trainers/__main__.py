@@ -1,6 +1,7 @@
 """``python -m trainers <recipe> --config cfg.yaml [--set key=value ...]`` — run a recipe headless.
 
 ``python -m trainers --schema`` prints every recipe's form schema as JSON (see :func:`recipe_schema`).
+``python -m trainers score ...`` scores (prompt, response) rows with a reward model (see ``COMMANDS``).
 
 Also under ``accelerate launch -m trainers <recipe> …`` on several GPUs. Recipes are registered by
 name → module (imported only when chosen); each module has ``main(argv) -> int``.
@@ -27,12 +28,20 @@ RECIPES: dict[str, str] = {
 }
 """Recipe name → module with ``main(argv)``."""
 
+COMMANDS: dict[str, str] = {"score": "trainers.score_cli"}
+"""Subcommands that are not recipes (no config schema, no checkpoint written) → module with ``main(argv)``.
+``score``: ``python -m trainers score --checkpoint DIR --input in.jsonl --output out.jsonl`` (reward-model
+scores of (prompt, response) rows; see :mod:`trainers.score_cli`)."""
+
 EXIT_CODES = {"bad_input": 2, "nan_loss": 3, "disk_full": 4, "bad_checkpoint": 5, "io": 6}
 
 
 def _usage() -> str:
     names = "\n".join(f"  {name}" for name in RECIPES)
-    return f"usage: python -m trainers <recipe> --config cfg.yaml [--set key=value ...]\n\nrecipes:\n{names}"
+    return (
+        f"usage: python -m trainers <recipe> --config cfg.yaml [--set key=value ...]\n\nrecipes:\n{names}\n\n"
+        "other commands:\n  score --checkpoint DIR --input in.jsonl --output out.jsonl"
+    )
 
 
 def failure_code(exc: BaseException) -> str | None:
@@ -92,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "--schema":
         return print_schema()
     name, rest = argv[0], argv[1:]
-    if name not in RECIPES:
+    if name not in RECIPES and name not in COMMANDS:
         print(f"error[bad_input]: unknown recipe {name!r}\n{_usage()}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    module = importlib.import_module(RECIPES[name])
+    module = importlib.import_module(RECIPES.get(name) or COMMANDS[name])
     try:
         return module.main(rest)
     except Exception as exc:

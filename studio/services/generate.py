@@ -142,7 +142,7 @@ class GenerationService:
         # Models are studio-wide: one registered in any project can generate in every project.
         return self._checkpoint_for(ref, name=name or Path(ref).name or ref, recipe="external")
 
-    def _check_loadable(self, ck: Checkpoint) -> None:
+    def check_loadable(self, ck: Checkpoint) -> None:
         """Refuse a checkpoint marked unloadable, and re-hash a trained one against the manifest digest
         recorded at registration before its weights are read (R-JOB-07); a mismatch marks it unloadable."""
         from studio.services.job_support import checkpoint_facts
@@ -215,7 +215,7 @@ class GenerationService:
         progress(0.0, f"loading {report.models[0]}")
         loaded = []
         for ck in ckpts:
-            self._check_loadable(ck)
+            self.check_loadable(ck)
             try:
                 loaded.append(self.cache.get(ck.path))
             except ValueError as exc:  # ModelNotFoundError is a ValueError

@@ -123,7 +123,15 @@ def _graph(s) -> dict[str, object]:
     s.add_all([span, suggestion, job])
     s.flush()
     point = m.MetricPoint(job_id=job.id, step=1, name="loss", value=0.5)
-    s.add(point)
+    entry = m.ArenaModel(
+        project_id=project.id,
+        checkpoint_id=child.id,
+        is_anchor=True,
+        source=m.ArenaSource.auto,
+        added_by=user.id,
+    )
+    score = m.RewardScore(checkpoint_id=child.id, generation_id=g1.id, score=-0.25)
+    s.add_all([point, entry, score])
     s.flush()
     return {
         t.__name__: obj
@@ -145,6 +153,8 @@ def _graph(s) -> dict[str, object]:
                 snapshot,
                 job,
                 point,
+                entry,
+                score,
             ],
             strict=True,
         )
