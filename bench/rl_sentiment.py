@@ -88,6 +88,8 @@ def run_one(algo: str, seed: int, workdir: Path) -> dict[str, Any]:
         "train_kl_seq_last5": statistics.fmean(r["train/kl_seq"] for r in train[-5:] if "train/kl_seq" in r)
         if any("train/kl_seq" in r for r in train[-5:])
         else None,
+        # The run's compute ledger (trainers/compute.py): tokens and FLOPs, for "fraction of PPO's compute".
+        "compute": {k: v for k, v in train[-1].items() if k.startswith("compute/")} if train else {},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     shutil.rmtree(out, ignore_errors=True)  # the weights are not kept: the table is the result

@@ -25,13 +25,17 @@ RECIPES: dict[str, str] = {
     "reinforce": "trainers.recipes.reinforce",
     "ppo": "trainers.recipes.ppo",
     "nlpo": "trainers.recipes.nlpo",
+    "filtered_mle": "trainers.recipes.filtered_mle",
+    "rwr": "trainers.recipes.rwr",
+    "dt": "trainers.recipes.dt",
 }
 """Recipe name → module with ``main(argv)``."""
 
-COMMANDS: dict[str, str] = {"score": "trainers.score_cli"}
+COMMANDS: dict[str, str] = {"score": "trainers.score_cli", "offline_data": "trainers.offline_data"}
 """Subcommands that are not recipes (no config schema, no checkpoint written) → module with ``main(argv)``.
 ``score``: ``python -m trainers score --checkpoint DIR --input in.jsonl --output out.jsonl`` (reward-model
-scores of (prompt, response) rows; see :mod:`trainers.score_cli`)."""
+scores of (prompt, response) rows; see :mod:`trainers.score_cli`). ``offline_data``: ``python -m trainers
+offline_data --config data.yaml`` (the offline recipes' data stage; see :mod:`trainers.offline_data`)."""
 
 EXIT_CODES = {"bad_input": 2, "nan_loss": 3, "disk_full": 4, "bad_checkpoint": 5, "io": 6}
 

@@ -136,7 +136,7 @@ def plan_steps(cfg: Any, world_size: int, n_train: int) -> tuple[StepSampler, in
     global_batch = cfg.batch_size * cfg.optim.grad_accum * world_size
     if global_batch > n_train:
         raise ConfigError(
-            cfg.snapshot,
+            cfg.snapshot or "<config>",  # the offline recipes may train on generated samples, no snapshot
             "batch_size",
             f"one step needs {global_batch} pairs (batch_size × grad_accum × processes) "
             f"but the snapshot has {n_train} training pairs",

@@ -63,6 +63,7 @@ from trainers.checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from trainers.compute import Compute, non_embedding_params, text_tokens
 from trainers.config import ConfigError, OptimConfig, bounded, run_recipe_cli
 from trainers.data import EncodedPair, StepSampler, collate
 from trainers.losses import dpo_loss
@@ -186,6 +187,8 @@ class Run:
     metrics: MetricsWriter
     studio: dict[str, Any]
     """The studio.json fields every checkpoint of this run shares."""
+    compute: Compute | None = None
+    """Tokens and FLOPs so far (:mod:`trainers.compute`): reference pass and training steps."""
 
 
 # ----------------------------------------------------------------------------- setup
@@ -232,6 +235,7 @@ def setup(cfg: DPOConfig) -> Run:
     model = ResponseLogps(lm, chunk_tokens=cfg.logps_chunk_tokens)
     optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps)
     start_step, tokens, ref_train, ref_eval = 0, 0, None, None
+    compute = Compute.from_state(state and state.get("compute"), non_embedding_params(lm))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -251,7 +255,7 @@ def setup(cfg: DPOConfig) -> Run:
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_step if latest else None,
                             enabled=accelerator.is_main_process)  # fmt: skip
     return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train_pairs, eval_pairs, ref_train,
-               ref_eval, sampler, total_steps, start_step, tokens, latest, metrics, studio)  # fmt: skip
+               ref_eval, sampler, total_steps, start_step, tokens, latest, metrics, studio, compute)  # fmt: skip
 
 
 def model_direct(model: Any) -> bool:
@@ -328,10 +332,12 @@ def save(run: Run, step: int, metrics: dict[str, float], *, final: bool) -> Path
                 "beta": run.cfg.beta,
                 "label_smoothing": run.cfg.label_smoothing,
                 "train_tokens": run.tokens,
+                "compute": run.compute.as_dict(),
             },
         }  # no separate "reference" entry: the reference is the parent
         resume_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                        "step": step, "tokens": run.tokens, "ref_train": run.ref_train, "ref_eval": run.ref_eval}  # fmt: skip
+                        "step": step, "tokens": run.tokens, "ref_train": run.ref_train, "ref_eval": run.ref_eval,
+                        "compute": run.compute.state()}  # fmt: skip
         previous = find_latest_complete(out / "checkpoints")
         params = sum(p.numel() * p.element_size() for p in run.model.parameters())
         save_checkpoint(dest, model=accelerator.unwrap_model(run.model).lm, tokenizer=run.tokenizer, studio=studio,
@@ -362,6 +368,8 @@ def train(cfg: DPOConfig, *, should_stop: Callable[[int], bool] | None = None) -
         if run.ref_train is None:
             run.ref_train = score_pairs(run, run.train_pairs, "reference")
             run.ref_eval = score_pairs(run, run.eval_pairs, "held-out reference")
+            run.compute.forward(sum(text_tokens(t for p in run.train_pairs for t in (p.chosen, p.rejected))))
+            run.compute.settle()  # the held-out pass is evaluation: not counted
             if agree_to_stop(accelerator, should_stop is not None and should_stop(run.start_step)):
                 last_saved = save(run, run.start_step, {}, final=False)  # keeps the pass for the rerun
                 return _result(run, None, last_saved, run.start_step, {}, started, stopped=True)
@@ -397,6 +405,8 @@ def train(cfg: DPOConfig, *, should_stop: Callable[[int], bool] | None = None) -
             run.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.tokens += step_tokens(run, step)
+            run.compute.train(*text_tokens(t for i in run.sampler.indices(step) for t in (run.train_pairs[i].chosen, run.train_pairs[i].rejected)))  # fmt: skip
+            run.compute.settle()  # the step's pairs are every process's: nothing to all-reduce
             step += 1
             bar.update(1)
             # 5. Log.
@@ -405,7 +415,7 @@ def train(cfg: DPOConfig, *, should_stop: Callable[[int], bool] | None = None) -
                     f"train/{k}": float(accelerator.reduce(v.reshape(1), "mean")) for k, v in totals.items()
                 }
                 values.update({"train/grad_norm": float(grad_norm), "train/lr": lr, "train/tokens": run.tokens,
-                               "train/epoch": step / run.sampler.steps_per_epoch})  # fmt: skip
+                               "train/epoch": step / run.sampler.steps_per_epoch, **run.compute.metrics()})  # fmt: skip
                 run.metrics.write(step, values)
                 bar.set_postfix(
                     loss=f"{values['train/loss']:.4f}", acc=f"{values['train/rewards/accuracy']:.2f}"

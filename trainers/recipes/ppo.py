@@ -69,6 +69,7 @@ from trainers.checkpoint import (
     step_dir,
     write_checkpoint,
 )
+from trainers.compute import Compute, non_embedding_params
 from trainers.config import ConfigError, config_to_dict, run_recipe_cli
 from trainers.data import StepSampler, snapshot_sha256
 from trainers.metrics import MetricsWriter, check_finite
@@ -173,6 +174,8 @@ class Run:
     resumed_from: Path | None
     metrics: MetricsWriter
     studio: dict[str, Any]
+    compute: Compute | None = None
+    """Tokens and FLOPs so far (:mod:`trainers.compute`): rollouts, reference and critic passes, updates."""
 
     @property
     def local_rows(self) -> int:
@@ -287,6 +290,7 @@ def setup(cfg: PPOConfig, *, recipe: str = RECIPE,
     controller = (FixedKLController(kl.beta) if kl.target is None
                   else AdaptiveKLController(kl.beta, kl.target, horizon=kl.horizon))  # fmt: skip
     start_step, tokens = 0, 0
+    compute = Compute.from_state(state and state.get("compute"), non_embedding_params(lm))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -315,7 +319,7 @@ def setup(cfg: PPOConfig, *, recipe: str = RECIPE,
                             enabled=accelerator.is_main_process)  # fmt: skip
     return Run(cfg, recipe, accelerator, actor, critic, reference, tokenizer, optimizer, critic_optimizer, scheduler,
                critic_scheduler, controller, masking, task, reward, prompt_ids, sampler, stop_ids, stop_at_newline, pad_id,
-               cfg.iterations, start_step, tokens, latest, metrics, studio)  # fmt: skip
+               cfg.iterations, start_step, tokens, latest, metrics, studio, compute)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- 1–2. rollout and scores
@@ -337,6 +341,7 @@ def collect(run: Run, step: int) -> Experience:
     rows = iteration_rows(run, step)
     all_ids, all_mask = left_pad([run.prompt_ids[p] for _, p in rows], run.pad_id)
     policy, actor = run.policy(), run.accelerator.unwrap_model(run.actor)
+    critic_n = non_embedding_params(run.critic_module()) if run.critic is not None else None
     policy.eval()
     parts = []
     for begin in range(0, len(rows), cfg.rollout_batch_size):
@@ -357,6 +362,12 @@ def collect(run: Run, step: int) -> Experience:
                 values = run.accelerator.unwrap_model(run.critic)(*scored)
             else:
                 values = actor.values(*scored)
+        p_tokens, r_tokens = int(mask.sum()), int(batch.response_mask.sum())
+        run.compute.generate(p_tokens, r_tokens, len(chunk))
+        if recorder is not None:  # NLPO's mask model follows the rollout with its own forwards
+            run.compute.forward(p_tokens + r_tokens - len(chunk))
+        run.compute.forward(p_tokens + r_tokens)  # reference
+        run.compute.forward(p_tokens + r_tokens, critic_n)  # critic values (shared: the policy's trunk)
         texts = response_texts(run.tokenizer, batch)
         prompts = [run.task.train_prompts[p] for _, p in chunk]
         task_rewards, scores = reward_tensor(run.tokenizer, run.reward.score(prompts, texts), texts, batch)
@@ -402,6 +413,7 @@ def update(run: Run, exp: Experience, step: int) -> dict[str, float]:
     models = [m for m in (run.actor, run.critic) if m is not None]
     policy_params = list(run.policy().parameters())
     critic_params = list(run.critic_module().parameters())
+    critic_n = non_embedding_params(run.critic_module()) if run.critic is not None else None
     order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     totals: dict[str, float] = {}
     applied, ratio_max, stopped = 0, 0.0, False
@@ -430,6 +442,10 @@ def update(run: Run, exp: Experience, step: int) -> dict[str, float]:
                             stack.enter_context(accelerator.no_sync(model))
                     loss, micro_stats = minibatch_loss(run, mb, advantages[part][:, : mb.mask.shape[1]])
                     accelerator.backward(loss * weight)
+                run.compute.train(int(mb.prompt_mask.sum()), int(mb.mask.sum()))
+                if critic_n is not None:  # the separate critic's own forward and backward
+                    run.compute.forward(int(mb.prompt_mask.sum() + mb.mask.sum()), critic_n)
+                    run.compute.backward(int(mb.prompt_mask.sum() + mb.mask.sum()), critic_n)
                 ratio_max = max(ratio_max, float(micro_stats.pop("ratio_max")))
                 for name, value in micro_stats.items():
                     stats[name] = stats.get(name, 0) + value * weight
@@ -495,11 +511,13 @@ def save(run: Run, step: int, metrics: dict[str, float], *, final: bool) -> Path
                   if k.startswith("lm.")}  # fmt: skip
     if accelerator.is_main_process:
         studio = {**run.studio, "step": step, "final": final, "metrics": metrics,
-                  "extra": {"kl_beta": run.kl_controller.beta, "train_tokens": run.tokens}}  # fmt: skip
+                  "extra": {"kl_beta": run.kl_controller.beta, "train_tokens": run.tokens,
+                            "compute": run.compute.as_dict()}}  # fmt: skip
         resume_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                         "critic_optimizer": run.critic_optimizer.state_dict(),
                         "critic_scheduler": run.critic_scheduler.state_dict(),
-                        "step": step, "tokens": run.tokens, "beta": float(run.kl_controller.beta)}  # fmt: skip
+                        "step": step, "tokens": run.tokens, "beta": float(run.kl_controller.beta),
+                        "compute": run.compute.state()}  # fmt: skip
 
         def write(tmp: Path) -> None:
             run.policy().save_pretrained(tmp, state_dict=state_dict)
@@ -559,6 +577,7 @@ def train(cfg: PPOConfig, *, should_stop: Callable[[int], bool] | None = None, r
             t1 = time.perf_counter()
             # 4. PPO epochs over minibatches.
             update_stats = update(run, exp, step)
+            run.compute.settle(accelerator)
             tokens = exp.prompt_mask.sum() + exp.mask.sum()
             run.tokens += int(accelerator.reduce(tokens.reshape(1), "sum")) if reduce_sum else int(tokens)
             step += 1
@@ -567,7 +586,8 @@ def train(cfg: PPOConfig, *, should_stop: Callable[[int], bool] | None = None, r
             if step % cfg.log_every == 0 or step == run.total_steps:
                 values = {f"train/{k}": v for k, v in {**rollout_stats, **update_stats, **extra}.items()}
                 values.update({"train/lr": run.scheduler.get_last_lr()[0], "train/tokens": run.tokens,
-                               "time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})  # fmt: skip
+                               "time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1,
+                               **run.compute.metrics()})  # fmt: skip
                 run.metrics.write(step, values)
                 bar.set_postfix(reward=f"{rollout_stats['reward']:.3f}", kl=f"{rollout_stats['kl']:.3f}")
             # 6. Evaluate and checkpoint.

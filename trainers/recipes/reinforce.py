@@ -77,6 +77,7 @@ from trainers.checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from trainers.compute import Compute, non_embedding_params
 from trainers.config import ConfigError, config_to_dict, run_recipe_cli
 from trainers.data import StepSampler, snapshot_sha256
 from trainers.metrics import MetricsWriter, check_finite
@@ -175,6 +176,8 @@ class Run:
     resumed_from: Path | None
     metrics: MetricsWriter
     studio: dict[str, Any]
+    compute: Compute | None = None
+    """Tokens and FLOPs so far (:mod:`trainers.compute`): sampling, reference passes, stage 2."""
 
     @property
     def policy(self) -> Any:
@@ -254,6 +257,7 @@ def setup(cfg: ReinforceConfig) -> Run:
     )  # fmt: skip
     running = RunningBaseline(alpha=cfg.running_alpha)
     start_step, tokens = 0, 0
+    compute = Compute.from_state(state and state.get("compute"), non_embedding_params(lm))
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -271,7 +275,7 @@ def setup(cfg: ReinforceConfig) -> Run:
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=start_step if latest else None,
                             enabled=accelerator.is_main_process)  # fmt: skip
     return Run(cfg, accelerator, model, reference, tokenizer, optimizer, scheduler, task, reward, kl_control, running,
-               sampler, eos_ids, cfg.max_steps, start_step, tokens, latest, metrics, studio)  # fmt: skip
+               sampler, eos_ids, cfg.max_steps, start_step, tokens, latest, metrics, studio, compute)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- stage 1 and scoring
@@ -290,6 +294,7 @@ def sample(run: Run, prompts: list[Any], sizes: list[int], temperatures: torch.T
         batch = rollout(run.policy, ids.to(device), mask.to(device), cfg.sampling, eos_token_ids=run.eos_ids,
                         pad_token_id=pad_token_id(run.tokenizer), processors=processors,
                         return_logprobs=False, return_raw_logprobs=True)  # fmt: skip
+    run.compute.generate(int(mask.sum()), int(batch.response_mask.sum()), len(rows))
     return batch, response_texts(run.tokenizer, batch), rows
 
 
@@ -331,6 +336,7 @@ def experience(run: Run, prompts: list[Any]) -> Experience:
     with run.accelerator.autocast():
         ref = run_reference(run, batch)
     m = batch.response_mask
+    run.compute.forward(int(batch.prompt_mask.sum() + m.sum()))  # the reference pass
     per_token = KL_ESTIMATORS[cfg.kl.estimator](batch.raw_logprobs.float(), ref.float())
     kl = masked_sum(per_token, m, dim=-1)
     keep = torch.ones(len(rows), dtype=torch.bool, device=m.device)
@@ -394,6 +400,7 @@ def loss_and_stats(
         scores = run.model(exp.prompt_ids[idx], exp.prompt_mask[idx], exp.response_ids[idx, :width], mask,
                            processors, with_entropy=True)  # fmt: skip
     logprobs = scores.logprobs.float()
+    run.compute.train(int(exp.prompt_mask[idx].sum()), int(mask.sum()))
     stats = {"entropy": masked_mean(scores.entropy.detach().float(), mask)}
     if cfg.loss == "reinforce":
         loss, parts = reinforce_loss(logprobs, mask, exp.advantages[idx], reduction=cfg.reduction)
@@ -461,10 +468,11 @@ def save(run: Run, step: int, metrics: dict[str, float], *, final: bool) -> Path
     state_dict = {k.removeprefix("lm."): v for k, v in accelerator.get_state_dict(run.model).items()}
     if accelerator.is_main_process:
         studio = {**run.studio, "step": step, "final": final, "metrics": metrics,
-                  "extra": {"task": run.task.name, "kl_beta": run.kl_control.beta, "sampled_tokens": run.tokens}}  # fmt: skip
+                  "extra": {"task": run.task.name, "kl_beta": run.kl_control.beta, "sampled_tokens": run.tokens,
+                            "compute": run.compute.as_dict()}}  # fmt: skip
         resume_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                         "step": step, "tokens": run.tokens, "beta": run.kl_control.beta,
-                        "running_baseline": run.running.value}  # fmt: skip
+                        "running_baseline": run.running.value, "compute": run.compute.state()}  # fmt: skip
         previous = find_latest_complete(out / "checkpoints")
         params = sum(p.numel() * p.element_size() for p in run.model.parameters())
         save_checkpoint(dest, model=run.policy, tokenizer=run.tokenizer, studio=studio, state_dict=state_dict,
@@ -529,6 +537,7 @@ def train(cfg: ReinforceConfig, *, should_stop: Callable[[int], bool] | None = N
             run.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             update_s = time.perf_counter() - timer
+            run.compute.settle(accelerator)
             values = step_metrics(run, batch, totals)
             beta = run.kl_control.beta
             run.kl_control.update(values["train/kl"])
@@ -538,7 +547,8 @@ def train(cfg: ReinforceConfig, *, should_stop: Callable[[int], bool] | None = N
             # 6. Log, evaluate, checkpoint.
             if step % cfg.log_every == 0 or step == run.total_steps:
                 values.update({"train/beta": beta, "train/grad_norm": float(grad_norm), "train/lr": lr,
-                               "train/tokens": run.tokens, "time/rollout_s": rollout_s, "time/update_s": update_s})  # fmt: skip
+                               "train/tokens": run.tokens, "time/rollout_s": rollout_s, "time/update_s": update_s,
+                               **run.compute.metrics()})  # fmt: skip
                 run.metrics.write(step, values)
                 bar.set_postfix(reward=f"{values['train/reward']:.3f}", kl=f"{values['train/kl']:.2f}")
             if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
