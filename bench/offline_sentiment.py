@@ -39,7 +39,7 @@ METHODS = ("filtered_mle", "rwr", "dt", "dpo")
 CURVE_TARGETS = [-1.0, 0.0, 1.0, 2.0]
 EVAL_KEYS = ("reward", "kl", "perplexity", "distinct_2")
 
-# The settings of the committed table (§2.5 of algorithms.md: N = 4 at temperature 0.9, 24 tokens; lr 1e-5).
+# The settings of the committed table (§2.5 of algorithms.md: N = 4 at temperature 0.9, 24 tokens; lr raised to 3e-5 for the short CPU run).
 SETTINGS: dict[str, Any] = {
     "n_train": 128,
     "n_eval": 64,
@@ -48,11 +48,11 @@ SETTINGS: dict[str, Any] = {
         "sampling": {"max_new_tokens": 24, "temperature": 0.9},
         "batch_size": 16,
     },
-    "sft": {"epochs": 2.0, "batch_size": 8, "optim": {"lr": 1e-5}},
+    "sft": {"epochs": 2.0, "batch_size": 8, "optim": {"lr": 3e-5}},
     "filtered_mle": {"filter": "best_of_n"},
     "rwr": {"beta": 1.0, "normalise": "batch", "epochs": 1.0},  # every sample: 4× best-of-N's examples
     "dt": {"target": 2.0, "curve_targets": CURVE_TARGETS, "epochs": 1.0},
-    "dpo": {"beta": 0.1, "epochs": 2.0, "batch_size": 8, "optim": {"lr": 5e-6}},
+    "dpo": {"beta": 0.1, "epochs": 2.0, "batch_size": 8, "optim": {"lr": 1e-5}},
 }
 SMOKE: dict[str, Any] = {
     "n_train": 8,
