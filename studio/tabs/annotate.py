@@ -18,7 +18,7 @@ import gradio as gr
 
 from studio.services import ServiceError
 from studio.services.errors import Forbidden, Unauthorized
-from studio.tabs.common import ADMIN, DB_EVENTS, Shared, inert, signed_in
+from studio.tabs.common import ADMIN, ANNOTATOR, DB_EVENTS, Shared, inert, signed_in
 
 STRENGTHS = [("slightly", "slight"), ("clearly", "clear"), ("much", "much")]
 MIN_VIEW_S = 0.5
@@ -216,8 +216,11 @@ def build(shared: Shared) -> dict:
         first tab); an admin reserves items only by opening the tab, so their view is just cleared."""
         if project_id is not None and state is not None and state.project_id == int(project_id):
             return gr.skip()
-        if str(signed_in(services, request).role) != ADMIN:
+        role = str(signed_in(services, request).role)
+        if role == ANNOTATOR:
             return load(project_id, state, request)
+        if role != ADMIN:
+            return gr.skip()  # a rater has no Pairwise tab (the Arena is theirs): nothing to load or clear
         return gr.skip() if state is None else blank("Press **Load next item** to start.")
 
     return {
