@@ -1,22 +1,39 @@
 """The plumbing every training recipe repeats: accelerator, data split, tokenizer, step plan, resume
-check, stop agreement, sharding.
+check, the end of a step (evaluate, stop, checkpoint), the run's result, sharding.
 
 Loops stay in the recipes (one readable ``train()`` each); only these small pieces, identical in every
-recipe, live here. Used by the reward-model, segment reward-model and DPO recipes; where a recipe
-differs it says so through the arguments (``harmless``/``keys`` of :func:`check_resumable`) or a
-subclass (the segment RM's ``TrainResult`` adds ``info``).
+recipe, live here. Used by the reward-model, segment reward-model, DPO, PPO (and NLPO), REINFORCE and
+weighted-SFT (filtered MLE, RWR, DT) loops; where a recipe differs it says so through the arguments
+(``harmless``/``keys`` of :func:`check_resumable`) or a subclass (the segment RM's ``TrainResult`` adds
+``info``).
+
+The end of optimizer step ``step`` (1-based: the step just done) is the same in every loop::
+
+    if evaluation_due(step, total, cfg.eval_every):          # periodic held-out evaluation
+        eval_metrics = evaluate(run)
+    stop = asked_to_stop(accelerator, should_stop, step)     # should_stop(step), agreed by all processes
+    act = step_actions(step, total, cfg.checkpoint_every, stop)
+    if act.checkpoint:                                       # resumable step checkpoint (+ pruning)
+        last_saved = save(run, step, eval_metrics, final=False)
+    if act.stop:                                             # stopped early: no final model
+        return train_result(run, started, step, eval_metrics, last_saved)
+
+The stop is asked *after* the evaluation, so a SIGTERM that arrives during it stops the run at this
+step; after the loop comes the final evaluation and ``train_result(..., final=<final folder>)``.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from trainers.checkpoint import clean_orphans, read_studio_json
 from trainers.config import ConfigError, config_to_dict
@@ -193,6 +210,59 @@ def agree_to_stop(accelerator: Any, stop: bool) -> bool:
         return stop
     flag = torch.tensor([float(stop)], device=accelerator.device)
     return bool(accelerator.reduce(flag, "sum") > 0)
+
+
+def asked_to_stop(accelerator: Any, should_stop: Callable[[int], bool] | None, step: int) -> bool:
+    """``should_stop(step)`` (None: never), agreed over the processes (:func:`agree_to_stop`).
+
+    Called once at the end of every step, the last included (callers may time steps with it)."""
+    return agree_to_stop(accelerator, should_stop is not None and should_stop(step))
+
+
+def evaluation_due(step: int, total: int, eval_every: int) -> bool:
+    """Whether step ``step`` (1-based, just done) of ``total`` ends with a periodic held-out evaluation:
+    every ``eval_every`` steps (0: never), but not after the last one (the final evaluation follows)."""
+    return eval_every > 0 and step % eval_every == 0 and step < total
+
+
+@dataclass(frozen=True)
+class StepActions:
+    """What the end of a step does after its evaluation, in this order."""
+
+    checkpoint: bool
+    """Write a resumable step checkpoint (``checkpoints/step-N``; the recipe's ``save`` prunes old ones)."""
+    stop: bool
+    """Return now, stopped early, without a final model."""
+
+
+def step_actions(step: int, total: int, checkpoint_every: int, stop_requested: bool) -> StepActions:
+    """The checkpoint and stop of step ``step`` (1-based, just done) of ``total``.
+
+    A checkpoint every ``checkpoint_every`` steps (0: none), and always before an early stop so that the
+    rerun resumes from here. A stop asked for at the last step is not an early stop: the run finishes
+    (final evaluation and model) as it would have anyway.
+    """
+    stop = stop_requested and step < total
+    return StepActions(checkpoint=(checkpoint_every > 0 and step % checkpoint_every == 0) or stop, stop=stop)
+
+
+def train_result(run: Any, started: float, step: int, metrics: dict[str, float], last_saved: Path | None,
+                 final: Path | None = None, *, cls: type[TrainResult] = TrainResult, **extra: Any) -> TrainResult:  # fmt: skip
+    """The result of a run that ended after ``step``: finished with its ``final`` folder, or (None) stopped.
+
+    ``run`` is a recipe's ``Run`` (it reads ``run.cfg.output_dir`` and ``run.resumed_from``);
+    ``started`` the ``time.perf_counter()`` at the start of ``train``; ``metrics`` the last held-out
+    evaluation; ``last_saved`` the newest step checkpoint. ``cls``/``extra``: a recipe's subclass of
+    :class:`TrainResult` and its own fields (the segment RM's ``info``).
+    """
+    return cls(Path(run.cfg.output_dir), final, last_saved, step, metrics, run.resumed_from, final is None,
+               time.perf_counter() - started, **extra)  # fmt: skip
+
+
+def progress_bar(accelerator: Any, total: int, initial: int, desc: str, enabled: bool) -> Any:
+    """The run's tqdm bar over optimizer steps on stderr, shown by the main process when ``enabled``."""
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                disable=not (enabled and accelerator.is_main_process))  # fmt: skip
 
 
 def shard(n: int, world: int, rank: int) -> list[int]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from trainers.checkpoint import (
     find_latest_complete,
@@ -67,14 +65,18 @@ from trainers.recipe_common import (
     HARMLESS_FIELDS,
     RESUME_KEYS,
     TrainResult,
-    agree_to_stop,
+    asked_to_stop,
     check_resumable,
     clean_run_folder,
     disable_dropout,
+    evaluation_due,
     info,
     load_tokenizer,
     make_accelerator,
     plan_steps,
+    progress_bar,
+    step_actions,
+    train_result,
 )
 from trainers.rl_eval import encode_prompts
 from trainers.rollout import SamplingConfig, left_pad
@@ -501,8 +503,7 @@ def train(cfg: Any, method: Method, *, should_stop: Callable[[int], bool] | None
     run.metrics.write(run.start_step, {"run/total_steps": run.total_steps})
     eval_metrics: dict[str, float] = {}
     last_saved = run.resumed_from
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=method.name, file=sys.stderr, dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))  # fmt: skip
+    bar = progress_bar(accelerator, run.total_steps, run.start_step, method.name, cfg.progress)
     try:
         if cfg.eval_at_start and run.start_step == 0 and run.resumed_from is None:
             eval_metrics = evaluate(run, final=False, untouched=True)
@@ -540,21 +541,20 @@ def train(cfg: Any, method: Method, *, should_stop: Callable[[int], bool] | None
                 values = step_metrics(run, step, totals, weights, grad_norm, lr)
                 run.metrics.write(step, values)
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+            if evaluation_due(step, run.total_steps, cfg.eval_every):
                 eval_metrics = evaluate(run, final=False)
                 run.metrics.write(step, eval_metrics)
-            stop = agree_to_stop(accelerator, should_stop is not None and should_stop(step))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
-                stop and step < run.total_steps
-            ):
+            stop = asked_to_stop(accelerator, should_stop, step)
+            act = step_actions(step, run.total_steps, cfg.checkpoint_every, stop)
+            if act.checkpoint:
                 last_saved = save(run, step, eval_metrics, final=False)
-            if stop and step < run.total_steps:
-                return _result(run, None, last_saved, step, eval_metrics, started, stopped=True)
+            if act.stop:
+                return train_result(run, started, step, eval_metrics, last_saved)
         # 6. Final evaluation (the reference is loaded only now) and policy.
         eval_metrics = evaluate(run, final=True)
         run.metrics.write(step, eval_metrics)
         final = save(run, step, eval_metrics, final=True)
-        return _result(run, final, last_saved, step, eval_metrics, started, stopped=False)
+        return train_result(run, started, step, eval_metrics, last_saved, final)
     finally:
         bar.close()
         run.metrics.close()
@@ -571,9 +571,3 @@ def step_metrics(run: Run, step: int, totals: dict[str, float], weights: dict[in
             "train/grad_norm": float(grad_norm), "train/lr": lr,
             "train/tokens": float(run.compute.totals["trained_tokens"]),
             "train/epoch": step / run.sampler.steps_per_epoch, **run.compute.metrics()}  # fmt: skip
-
-
-def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics: dict[str, float],
-            started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
-    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.resumed_from, stopped,
-                       time.perf_counter() - started)  # fmt: skip

@@ -1,14 +1,31 @@
-"""The plumbing the recipes share: the resume check, the step plan, evaluation sharding."""
+"""The plumbing the recipes share: the resume check, the step plan, evaluation sharding, the end of a
+step (evaluate, stop, checkpoint) and the run's result."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from trainers.checkpoint import step_dir, write_checkpoint
 from trainers.config import ConfigError, OptimConfig
-from trainers.recipe_common import HARMLESS_FIELDS, RESUME_KEYS, check_resumable, plan_steps, shard
+from trainers.recipe_common import (
+    HARMLESS_FIELDS,
+    RESUME_KEYS,
+    StepActions,
+    TrainResult,
+    asked_to_stop,
+    check_resumable,
+    evaluation_due,
+    plan_steps,
+    progress_bar,
+    shard,
+    step_actions,
+    train_result,
+)
 
 
 def studio(**changes) -> dict:
@@ -63,3 +80,60 @@ def test_plan_steps_counts_epochs_and_refuses_a_batch_larger_than_the_data():
     with pytest.raises(ConfigError, match=r"one step needs 8 pairs .* has 7 training pairs") as info:
         plan_steps(cfg, 2, 7)
     assert info.value.field == "batch_size"
+
+
+def test_evaluation_is_due_every_eval_every_steps_but_never_after_the_last():
+    assert [s for s in range(1, 7) if evaluation_due(s, 6, 2)] == [2, 4]  # 6 is the last: final evaluation
+    assert [s for s in range(1, 8) if evaluation_due(s, 7, 3)] == [3, 6]
+    assert not any(evaluation_due(s, 6, 0) for s in range(1, 7))  # 0: only at the end
+    assert not any(evaluation_due(s, 6, 10) for s in range(1, 7))
+
+
+def test_step_actions_checkpoint_on_schedule_and_before_an_early_stop():
+    # checkpoint_every 3 of 7 steps, nobody asks to stop: checkpoints after steps 3 and 6 only
+    assert [s for s in range(1, 8) if step_actions(s, 7, 3, False).checkpoint] == [3, 6]
+    assert not any(step_actions(s, 7, 3, False).stop for s in range(1, 8))
+    assert not any(step_actions(s, 7, 0, False).checkpoint for s in range(1, 8))  # 0: final model only
+    # a stop after step 4 (off schedule) checkpoints there so the rerun resumes from step 4
+    assert step_actions(4, 7, 3, True) == StepActions(checkpoint=True, stop=True)
+    assert step_actions(4, 7, 0, True) == StepActions(checkpoint=True, stop=True)
+    assert step_actions(6, 7, 3, True) == StepActions(checkpoint=True, stop=True)  # one checkpoint, not two
+    # a stop asked for after the last step is no early stop: the run finishes (final model)
+    assert step_actions(7, 7, 3, True) == StepActions(checkpoint=False, stop=False)
+    assert step_actions(6, 6, 3, True) == StepActions(checkpoint=True, stop=False)
+
+
+def test_asked_to_stop_asks_the_callback_with_the_step_on_one_process():
+    one = SimpleNamespace(num_processes=1)
+    asked: list[int] = []
+    assert asked_to_stop(one, None, 3) is False
+    assert asked_to_stop(one, lambda step: asked.append(step) or step >= 5, 4) is False
+    assert asked_to_stop(one, lambda step: asked.append(step) or step >= 5, 5) is True
+    assert asked == [4, 5]
+
+
+def test_train_result_is_stopped_without_a_final_folder_and_takes_a_subclass(tmp_path):
+    run = SimpleNamespace(
+        cfg=SimpleNamespace(output_dir=str(tmp_path)), resumed_from=tmp_path / "checkpoints/step-2"
+    )
+    started = time.perf_counter() - 2.0  # the run began two seconds ago
+    stopped = train_result(run, started, 4, {"eval/loss": 0.5}, tmp_path / "checkpoints/step-4")
+    assert stopped == TrainResult(tmp_path, None, tmp_path / "checkpoints/step-4", 4, {"eval/loss": 0.5},
+                                  tmp_path / "checkpoints/step-2", True, stopped.seconds)  # fmt: skip
+    assert 2.0 <= stopped.seconds < 60
+
+    @dataclass(frozen=True)
+    class WithInfo(TrainResult):
+        info: str
+
+    done = train_result(run, started, 6, {}, None, tmp_path / "final", cls=WithInfo, info="tau")
+    assert isinstance(done, WithInfo) and done.info == "tau"
+    assert done.final_checkpoint == tmp_path / "final" and done.stopped is False and done.steps == 6
+    assert done.output_dir == Path(tmp_path) and done.last_checkpoint is None
+
+
+def test_progress_bar_shows_only_on_the_main_process_when_enabled():
+    for main, enabled, shown in [(True, True, True), (True, False, False), (False, True, False)]:
+        bar = progress_bar(SimpleNamespace(is_main_process=main), 5, 2, "dpo", enabled)
+        assert bar.disable is not shown and bar.total == 5 and bar.n == 2
+        bar.close()

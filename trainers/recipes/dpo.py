@@ -73,17 +73,21 @@ from trainers.policy_data import encode_policy_pairs
 from trainers.recipe_common import (
     HARMLESS_FIELDS,
     TrainResult,
-    agree_to_stop,
+    asked_to_stop,
     check_resumable,
     clean_run_folder,
     disable_dropout,
+    evaluation_due,
     info,
     load_tokenizer,
     make_accelerator,
     plan_steps,
+    progress_bar,
     run_metadata,
     shard,
+    step_actions,
     train_and_held_out,
+    train_result,
 )
 
 RECIPE = "dpo"
@@ -370,11 +374,10 @@ def train(cfg: DPOConfig, *, should_stop: Callable[[int], bool] | None = None) -
             run.ref_eval = score_pairs(run, run.eval_pairs, "held-out reference")
             run.compute.forward(sum(text_tokens(t for p in run.train_pairs for t in (p.chosen, p.rejected))))
             run.compute.settle()  # the held-out pass is evaluation: not counted
-            if agree_to_stop(accelerator, should_stop is not None and should_stop(run.start_step)):
+            if asked_to_stop(accelerator, should_stop, run.start_step):
                 last_saved = save(run, run.start_step, {}, final=False)  # keeps the pass for the rerun
-                return _result(run, None, last_saved, run.start_step, {}, started, stopped=True)
-        bar = tqdm(total=run.total_steps, initial=run.start_step, desc=RECIPE, file=sys.stderr, dynamic_ncols=True,
-                   disable=not (cfg.progress and accelerator.is_main_process))  # fmt: skip
+                return train_result(run, started, run.start_step, {}, last_saved)
+        bar = progress_bar(accelerator, run.total_steps, run.start_step, RECIPE, cfg.progress)
         model.train()
         step = run.start_step
         while step < run.total_steps:
@@ -420,32 +423,25 @@ def train(cfg: DPOConfig, *, should_stop: Callable[[int], bool] | None = None) -
                 bar.set_postfix(
                     loss=f"{values['train/loss']:.4f}", acc=f"{values['train/rewards/accuracy']:.2f}"
                 )
-            # 6. Evaluate and checkpoint.
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+            # 6. Evaluate, then checkpoint and stop (recipe_common.step_actions).
+            if evaluation_due(step, run.total_steps, cfg.eval_every):
                 eval_metrics = evaluate(run)
                 run.metrics.write(step, eval_metrics)
-            stop = agree_to_stop(accelerator, should_stop is not None and should_stop(step))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
-                stop and step < run.total_steps
-            ):
+            stop = asked_to_stop(accelerator, should_stop, step)
+            act = step_actions(step, run.total_steps, cfg.checkpoint_every, stop)
+            if act.checkpoint:
                 last_saved = save(run, step, eval_metrics, final=False)
-            if stop and step < run.total_steps:
-                return _result(run, None, last_saved, step, eval_metrics, started, stopped=True)
+            if act.stop:
+                return train_result(run, started, step, eval_metrics, last_saved)
         # 7. Final evaluation and policy.
         eval_metrics = evaluate(run)
         run.metrics.write(step, eval_metrics)
         final = save(run, step, eval_metrics, final=True)
-        return _result(run, final, last_saved, step, eval_metrics, started, stopped=False)
+        return train_result(run, started, step, eval_metrics, last_saved, final)
     finally:
         if bar is not None:
             bar.close()
         run.metrics.close()
-
-
-def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics: dict[str, float],
-            started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
-    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.resumed_from, stopped,
-                       time.perf_counter() - started)  # fmt: skip
 
 
 CONFIG_CLASS = DPOConfig

@@ -13,8 +13,8 @@ What one iteration does (algorithms.md §1.3–§1.6, §4.6):
 3. **Shape**: r_t = clip(R_t) − β·kl_t (k1 by default, from raw log-probs), GAE(γ, λ), advantages
    whitened over the rollout; the KL controller then adapts β to the rollout's mean k1 per token
    (fixed, RL4LMs ±2 %/iteration, or Ziegler's horizon rule).
-4. **Update**: ``ppo_epochs`` passes over shuffled minibatches of whole sequences (per-token masks,
-   OpenRLHF style): teacher-forced log-probs and entropies of the same processed distribution
+4. **Update** (:mod:`trainers.ppo_update`): ``ppo_epochs`` passes over shuffled minibatches of whole
+   sequences (per-token masks, OpenRLHF style): teacher-forced log-probs and entropies of the same processed distribution
    (stage 2, chunked, with grad), clipped surrogate, clipped value loss, entropy bonus; optional early
    stop when the approximate KL to π_old passes 1.5 × ``target_approx_kl``. Policy and critic have
    their own AdamW (and learning rate); each gradient norm is clipped separately.
@@ -46,10 +46,7 @@ teacher-forced (in bf16 the ratio therefore starts within rounding of 1, not exa
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +54,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from trainers.actor_critic import ActorCritic, ValueModel
 from trainers.checkpoint import (
@@ -75,15 +71,21 @@ from trainers.data import StepSampler, snapshot_sha256
 from trainers.metrics import MetricsWriter, check_finite
 from trainers.optim import build_optimizer
 from trainers.ppo_config import KLConfig, PPOConfig, PPOOptimConfig
-from trainers.ppo_experience import Experience, cat_parts, minibatch, rollout_metrics, shape_experience
+from trainers.ppo_experience import Experience, cat_parts, rollout_metrics, shape_experience
+from trainers.ppo_update import minibatch_loss as minibatch_loss  # re-exported (tests score one minibatch)
+from trainers.ppo_update import update
 from trainers.recipe_common import (
     HARMLESS_FIELDS,
     TrainResult,
-    agree_to_stop,
+    asked_to_stop,
     check_resumable,
     clean_run_folder,
+    evaluation_due,
     info,
     make_accelerator,
+    progress_bar,
+    step_actions,
+    train_result,
 )
 from trainers.rl_eval import (
     encode_prompts,
@@ -94,14 +96,7 @@ from trainers.rl_eval import (
     row_generators,
     stop_token_ids,
 )
-from trainers.rl_math import (
-    AdaptiveKLController,
-    FixedKLController,
-    entropy_bonus,
-    masked_whiten,
-    ppo_policy_loss,
-    value_loss,
-)
+from trainers.rl_math import AdaptiveKLController, FixedKLController
 from trainers.rollout import LogitsProcessor, left_pad, rollout, sampling_processors
 from trainers.tasks import Task, first_line, get_task, snapshot_task
 from trainers.teacher_forced import score_tokens
@@ -380,107 +375,6 @@ def collect(run: Run, step: int) -> Experience:
     return cat_parts(parts, run.pad_id)
 
 
-# ----------------------------------------------------------------------------- 4. update
-
-
-def minibatch_loss(
-    run: Run, mb: Experience, advantages: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO loss of one micro-batch: clipped surrogate + vf·value loss − ent·entropy, and its detached stats."""
-    cfg = run.cfg
-    scored = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.mask)
-    logprobs, entropy, values = run.actor(*scored, run.stage2_processors(mb.action_masks), True)
-    if run.critic is not None:
-        values = run.critic(*scored)
-    pg, p_stats = ppo_policy_loss(
-        logprobs, mb.old_logprobs, advantages, mb.mask, cfg.clip_eps, cfg.loss_reduction
-    )
-    vl, v_stats = value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.value_clip, cfg.loss_reduction)
-    ent, e_stats = entropy_bonus(entropy, mb.mask, cfg.loss_reduction)
-    loss = pg + cfg.vf_coef * vl + cfg.ent_coef * ent
-    stats = {"loss": loss.detach(), "policy_loss": pg.detach(), "value_loss": vl.detach(), **e_stats,
-             "clip_fraction": p_stats["clip_fraction"], "approx_kl": p_stats["approx_kl"],
-             "ratio_mean": p_stats["ratio_mean"], "ratio_max": p_stats["ratio_max"], "value_clip_fraction": v_stats["clip_fraction"],
-             "value_mse": v_stats["mse"]}  # fmt: skip
-    return loss, stats
-
-
-def update(run: Run, exp: Experience, step: int) -> dict[str, float]:
-    """``ppo_epochs`` shuffled passes of minibatches over ``exp``; returns the mean stats of the applied steps."""
-    cfg, accelerator = run.cfg, run.accelerator
-    accum = cfg.optim.grad_accum
-    micro = cfg.minibatch_size // accum
-    models = [m for m in (run.actor, run.critic) if m is not None]
-    policy_params = list(run.policy().parameters())
-    critic_params = list(run.critic_module().parameters())
-    critic_n = non_embedding_params(run.critic_module()) if run.critic is not None else None
-    order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    totals: dict[str, float] = {}
-    applied, ratio_max, stopped = 0, 0.0, False
-    for model in models:
-        model.train()
-    for _epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(exp.rows, generator=order_gen)
-        for begin in range(0, exp.rows, cfg.minibatch_size):
-            rows = order[begin : begin + cfg.minibatch_size]
-            mask = exp.mask[rows]
-            count = mask.sum() if cfg.loss_reduction == "token_mean" else mask.any(-1).sum()
-            advantages = exp.advantages[rows]
-            if cfg.whiten_advantages == "minibatch":
-                advantages = masked_whiten(advantages, mask)
-            stats: dict[str, torch.Tensor] = {}
-            for k in range(accum):
-                part = slice(k * micro, (k + 1) * micro)
-                mb = minibatch(exp, rows[part])
-                # micro-batch means weighted by their share: the sum is the minibatch's mean
-                weight = (
-                    mb.mask.sum() if cfg.loss_reduction == "token_mean" else mb.mask.any(-1).sum()
-                ) / count
-                with contextlib.ExitStack() as stack:
-                    if k < accum - 1:
-                        for model in models:
-                            stack.enter_context(accelerator.no_sync(model))
-                    loss, micro_stats = minibatch_loss(run, mb, advantages[part][:, : mb.mask.shape[1]])
-                    accelerator.backward(loss * weight)
-                run.compute.train(int(mb.prompt_mask.sum()), int(mb.mask.sum()))
-                if critic_n is not None:  # the separate critic's own forward and backward
-                    run.compute.forward(int(mb.prompt_mask.sum() + mb.mask.sum()), critic_n)
-                    run.compute.backward(int(mb.prompt_mask.sum() + mb.mask.sum()), critic_n)
-                ratio_max = max(ratio_max, float(micro_stats.pop("ratio_max")))
-                for name, value in micro_stats.items():
-                    stats[name] = stats.get(name, 0) + value * weight
-            approx_kl = float(accelerator.reduce(stats["approx_kl"].reshape(1), "mean"))
-            if cfg.target_approx_kl is not None and approx_kl > 1.5 * cfg.target_approx_kl:
-                run.optimizer.zero_grad(set_to_none=True)  # this minibatch is not applied
-                run.critic_optimizer.zero_grad(set_to_none=True)
-                stopped = True
-                break
-            limit = cfg.optim.max_grad_norm or math.inf
-            grad_norm = accelerator.clip_grad_norm_(policy_params, limit)
-            critic_norm = accelerator.clip_grad_norm_(critic_params, limit)
-            check_finite(step + 1, loss=stats["loss"], grad_norm=grad_norm, critic_grad_norm=critic_norm)
-            for opt, sched in ((run.optimizer, run.scheduler), (run.critic_optimizer, run.critic_scheduler)):
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            applied += 1
-            stats.update(grad_norm=grad_norm, critic_grad_norm=critic_norm)
-            for name, value in stats.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-        if stopped:
-            break
-    out = {name: value / max(applied, 1) for name, value in totals.items()}
-    out.update(updates=float(applied), early_stopped=float(stopped), ratio_max=ratio_max)
-    if accelerator.num_processes > 1:  # each process saw its own rows: report the mean over processes
-        names = sorted(out)
-        means = accelerator.reduce(torch.tensor([out[n] for n in names], device=accelerator.device), "mean")
-        out = dict(zip(names, means.tolist(), strict=True))
-        out["ratio_max"] = float(
-            accelerator.gather(torch.tensor([ratio_max], device=accelerator.device)).max()
-        )
-    return out
-
-
 # ----------------------------------------------------------------------------- evaluation and checkpoints
 
 
@@ -557,8 +451,7 @@ def train(cfg: PPOConfig, *, should_stop: Callable[[int], bool] | None = None, r
         if cfg.eval_at_start and run.resumed_from is None:
             eval_metrics = evaluate(run)
             run.metrics.write(0, eval_metrics)
-        bar = tqdm(total=run.total_steps, initial=run.start_step, desc=recipe, file=sys.stderr, dynamic_ncols=True,
-                   disable=not (cfg.progress and accelerator.is_main_process))  # fmt: skip
+        bar = progress_bar(accelerator, run.total_steps, run.start_step, recipe, cfg.progress)
         step = run.start_step
         while step < run.total_steps:
             # 1–2. Rollout and scores (reward, reference, critic): this process's rows of the iteration.
@@ -590,32 +483,25 @@ def train(cfg: PPOConfig, *, should_stop: Callable[[int], bool] | None = None, r
                                **run.compute.metrics()})  # fmt: skip
                 run.metrics.write(step, values)
                 bar.set_postfix(reward=f"{rollout_stats['reward']:.3f}", kl=f"{rollout_stats['kl']:.3f}")
-            # 6. Evaluate and checkpoint.
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+            # 6. Evaluate, then checkpoint and stop (recipe_common.step_actions).
+            if evaluation_due(step, run.total_steps, cfg.eval_every):
                 eval_metrics = evaluate(run)
                 run.metrics.write(step, eval_metrics)
-            stop = agree_to_stop(accelerator, should_stop is not None and should_stop(step))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
-                stop and step < run.total_steps
-            ):
+            stop = asked_to_stop(accelerator, should_stop, step)
+            act = step_actions(step, run.total_steps, cfg.checkpoint_every, stop)
+            if act.checkpoint:
                 last_saved = save(run, step, eval_metrics, final=False)
-            if stop and step < run.total_steps:
-                return _result(run, None, last_saved, step, eval_metrics, started, stopped=True)
+            if act.stop:
+                return train_result(run, started, step, eval_metrics, last_saved)
         # 7. Final evaluation and policy.
         eval_metrics = evaluate(run)
         run.metrics.write(step, eval_metrics)
         final = save(run, step, eval_metrics, final=True)
-        return _result(run, final, last_saved, step, eval_metrics, started, stopped=False)
+        return train_result(run, started, step, eval_metrics, last_saved, final)
     finally:
         if bar is not None:
             bar.close()
         run.metrics.close()
-
-
-def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics: dict[str, float],
-            started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
-    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.resumed_from, stopped,
-                       time.perf_counter() - started)  # fmt: skip
 
 
 CONFIG_CLASS = PPOConfig

@@ -25,6 +25,9 @@ What it does, per optimizer step (Wang et al., "ESRL", AAAI 2024; algorithms.md 
    the samples instead.
 6. AdamW update; the KL coefficient adapts to ``kl.target`` (per-sequence KL) when one is set.
 
+Phases 1–4 make the step's experience (:mod:`trainers.reinforce_experience`); stage 2, the update and
+the loop are here.
+
 Prompts come from a built-in task (:mod:`trainers.tasks`: ``sentiment``, ``synthetic_translation``)
 or from a studio ``prompts`` snapshot. Evaluation (:func:`trainers.rl_eval.evaluate_policy`) on the
 held-out prompts, at the start, every ``eval_every`` steps and at the end: reward, KL to the
@@ -58,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,9 +68,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from trainers import esrl
 from trainers.checkpoint import (
     find_latest_complete,
     folder_bytes,
@@ -85,33 +85,33 @@ from trainers.optim import build_optimizer
 from trainers.recipe_common import (
     HARMLESS_FIELDS,
     TrainResult,
-    agree_to_stop,
+    asked_to_stop,
     check_resumable,
     clean_run_folder,
+    evaluation_due,
     info,
     make_accelerator,
+    progress_bar,
+    step_actions,
+    train_result,
 )
 from trainers.reinforce_config import ReinforceConfig
+from trainers.reinforce_experience import Experience, advantages, experience, group_starts, row_processors
 from trainers.rl_eval import (
-    encode_prompts,
     evaluate_policy,
-    pad_token_id,
-    response_texts,
     stop_token_ids,
 )
 from trainers.rl_math import (
-    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     RunningBaseline,
     duplicate_mask,
-    group_std,
     masked_mean,
     masked_sum,
     mrt_loss,
     reinforce_loss,
 )
-from trainers.rollout import left_pad, rollout, sampling_processors
+from trainers.rollout import sampling_processors
 from trainers.tasks import Task, first_line, get_task, snapshot_task
 
 RECIPE = "reinforce"
@@ -121,34 +121,6 @@ SNAPSHOT_KINDS = ("prompts",)
 """Dataset snapshot kinds this recipe trains on (optional: without one it uses a built-in task)."""
 BASE_KIND = "policy"
 """What the starting model must be: a causal-LM policy."""
-
-
-@dataclass
-class Experience:
-    """One rollout batch after scoring (no tensor needs grad). B rows, prompt-major groups.
-
-    Attributes:
-        prompt_ids / prompt_mask: (B, P) left-padded prompts, repeated per sample.
-        response_ids / response_mask: (B, T) sampled responses.
-        temperatures: (B,) per-row sampling temperature (adaptive mode), else None.
-        sizes: samples of each prompt, in order (sum = B).
-        scores: (B,) task reward R; kl: (B,) sequence KL; shaped: (B,) R − β·KL.
-        advantages: (B,) s − b (filled by :func:`advantages`).
-        keep: (B,) bool, rows that go to stage 2.
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    temperatures: torch.Tensor | None
-    sizes: list[int]
-    scores: torch.Tensor
-    kl: torch.Tensor
-    shaped: torch.Tensor
-    keep: torch.Tensor
-    eos: torch.Tensor
-    advantages: torch.Tensor | None = None
 
 
 @dataclass
@@ -278,107 +250,6 @@ def setup(cfg: ReinforceConfig) -> Run:
                sampler, eos_ids, cfg.max_steps, start_step, tokens, latest, metrics, studio, compute)  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- stage 1 and scoring
-
-
-def sample(run: Run, prompts: list[Any], sizes: list[int], temperatures: torch.Tensor | None,
-           stats: esrl.StepStats | None = None) -> tuple[Any, list[str], list[Any]]:  # fmt: skip
-    """Stage 1 for ``sizes[i]`` samples of ``prompts[i]`` (prompt-major); returns (rollout, texts, row prompts)."""
-    cfg, device = run.cfg, run.accelerator.device
-    rows = [p for p, k in zip(prompts, sizes, strict=True) for _ in range(k)]
-    ids, mask = left_pad(
-        encode_prompts(run.tokenizer, rows, cfg.max_prompt_tokens), pad_token_id(run.tokenizer)
-    )
-    processors = [p for p in (stats,) if p is not None] + row_processors(cfg, temperatures)
-    with run.accelerator.autocast():
-        batch = rollout(run.policy, ids.to(device), mask.to(device), cfg.sampling, eos_token_ids=run.eos_ids,
-                        pad_token_id=pad_token_id(run.tokenizer), processors=processors,
-                        return_logprobs=False, return_raw_logprobs=True)  # fmt: skip
-    run.compute.generate(int(mask.sum()), int(batch.response_mask.sum()), len(rows))
-    return batch, response_texts(run.tokenizer, batch), rows
-
-
-def plan(run: Run, prompts: list[Any]) -> tuple[list[int], torch.Tensor | None]:
-    """Samples per prompt and per-row temperatures: K each, or the adaptive plan from a first sample."""
-    cfg, dyn = run.cfg, run.cfg.dynamic
-    if dyn.mode != "adaptive":
-        return [cfg.group_size] * len(prompts), None
-    stats = esrl.StepStats()
-    probe, texts, rows = sample(run, prompts, [1] * len(prompts), None, stats)
-    if dyn.capability == "entropy":
-        capability = esrl.capability_from_entropy(
-            stats.stacked()[1], probe.response_mask, run.policy.config.vocab_size
-        )
-    else:
-        totals = torch.tensor([s.total for s in run.reward.score(rows, texts)])
-        capability = esrl.capability_from_reward(totals, dyn.reward_low, dyn.reward_high)
-    k, tau = esrl.adaptive_plan(capability.cpu(), dyn.k_min, dyn.k_max, dyn.tau_min, dyn.tau_max)
-    return k.tolist(), torch.repeat_interleave(tau, k)
-
-
-def row_processors(cfg: ReinforceConfig, temperatures: torch.Tensor | None) -> list[Any]:
-    """The per-row temperature processor of adaptive mode: τ_row / τ_sampling, since the sampling
-    processors divide by ``sampling.temperature`` after it (empty without per-row temperatures)."""
-    if temperatures is None:
-        return []
-    return [esrl.row_temperature(temperatures / cfg.sampling.temperature)]
-
-
-@torch.no_grad()
-def experience(run: Run, prompts: list[Any]) -> Experience:
-    """Phases 1–2 for one rollout batch: plan, sample, reward, reference KL, eliminate."""
-    cfg = run.cfg
-    sizes, temperatures = plan(run, prompts)
-    stats = esrl.StepStats() if cfg.dynamic.mode == "eliminate" else None
-    batch, texts, rows = sample(run, prompts, sizes, temperatures, stats)
-    # a sequence's reward is the sum of its token rewards (TokenRewards.total); REINFORCE needs no placement
-    scores = torch.tensor([s.total for s in run.reward.score(rows, texts)], device=batch.response_ids.device)
-    with run.accelerator.autocast():
-        ref = run_reference(run, batch)
-    m = batch.response_mask
-    run.compute.forward(int(batch.prompt_mask.sum() + m.sum()))  # the reference pass
-    per_token = KL_ESTIMATORS[cfg.kl.estimator](batch.raw_logprobs.float(), ref.float())
-    kl = masked_sum(per_token, m, dim=-1)
-    keep = torch.ones(len(rows), dtype=torch.bool, device=m.device)
-    if stats is not None:
-        max_prob, entropy = stats.stacked()
-        conf = esrl.confidence(max_prob, entropy, m, cfg.dynamic.confidence, run.policy.config.vocab_size)
-        keep = esrl.eliminate(conf, cfg.dynamic.eliminate_ratio)
-    shaped = scores.float() - run.kl_control.beta * kl
-    return Experience(batch.prompt_ids, batch.prompt_mask, batch.response_ids, m,
-                      None if temperatures is None else temperatures.to(m.device), sizes, scores.float(), kl, shaped,
-                      keep, batch.eos)  # fmt: skip
-
-
-def run_reference(run: Run, batch: Any) -> torch.Tensor:
-    """(B, T) reference log-probs of the sampled tokens (raw distribution, no grad)."""
-    from trainers.teacher_forced import score_tokens
-
-    return score_tokens(run.reference, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
-                        chunk_steps=run.cfg.chunk_steps).logprobs  # fmt: skip
-
-
-def advantages(run: Run, exp: Experience) -> torch.Tensor:
-    """Phase 3: (B,) shaped score minus the configured baseline (optionally scaled by the group std)."""
-    cfg, s = run.cfg, exp.shaped
-    if cfg.baseline == "none":
-        base = torch.zeros_like(s)
-    elif cfg.baseline == "running":
-        base = run.running.update(s)
-    else:
-        base = esrl.baseline_by_group(s, exp.sizes, cfg.baseline).to(s.device)
-    adv = s - base
-    if cfg.scale_by_std:
-        std = torch.cat([group_std(s[a : a + k], k) if k > 1 else torch.zeros(k, device=s.device)
-                         for a, k in zip(_starts(exp.sizes), exp.sizes, strict=True)])  # fmt: skip
-        adv = adv / (std + 1e-6)
-    return adv
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    return [sum(sizes[:i]) for i in range(len(sizes))]
-
-
 # ----------------------------------------------------------------------------- stage 2
 
 
@@ -425,7 +296,7 @@ def loss_and_stats(
 def groups_of_kept(exp: Experience) -> list[tuple[int, int]]:
     """[first, last) positions, among the kept rows, of each group that kept at least one row."""
     out, position = [], 0
-    for start, k in zip(_starts(exp.sizes), exp.sizes, strict=True):
+    for start, k in zip(group_starts(exp.sizes), exp.sizes, strict=True):
         n = int(exp.keep[start : start + k].sum())
         if n:
             out.append((position, position + n))
@@ -496,8 +367,7 @@ def train(cfg: ReinforceConfig, *, should_stop: Callable[[int], bool] | None = N
     run.metrics.write(run.start_step, {"run/total_steps": run.total_steps})
     eval_metrics: dict[str, float] = {}
     last_saved = run.resumed_from
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=RECIPE, file=sys.stderr, dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))  # fmt: skip
+    bar = progress_bar(accelerator, run.total_steps, run.start_step, RECIPE, cfg.progress)
     try:
         if cfg.eval_at_start and run.start_step == 0:
             eval_metrics = evaluate(run)
@@ -551,21 +421,20 @@ def train(cfg: ReinforceConfig, *, should_stop: Callable[[int], bool] | None = N
                                **run.compute.metrics()})  # fmt: skip
                 run.metrics.write(step, values)
                 bar.set_postfix(reward=f"{values['train/reward']:.3f}", kl=f"{values['train/kl']:.2f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+            if evaluation_due(step, run.total_steps, cfg.eval_every):
                 eval_metrics = evaluate(run)
                 run.metrics.write(step, eval_metrics)
-            stop = agree_to_stop(accelerator, should_stop is not None and should_stop(step))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
-                stop and step < run.total_steps
-            ):
+            stop = asked_to_stop(accelerator, should_stop, step)
+            act = step_actions(step, run.total_steps, cfg.checkpoint_every, stop)
+            if act.checkpoint:
                 last_saved = save(run, step, eval_metrics, final=False)
-            if stop and step < run.total_steps:
-                return _result(run, None, last_saved, step, eval_metrics, started, stopped=True)
+            if act.stop:
+                return train_result(run, started, step, eval_metrics, last_saved)
         # 7. Final evaluation and policy.
         eval_metrics = evaluate(run)
         run.metrics.write(step, eval_metrics)
         final = save(run, step, eval_metrics, final=True)
-        return _result(run, final, last_saved, step, eval_metrics, started, stopped=False)
+        return train_result(run, started, step, eval_metrics, last_saved, final)
     finally:
         bar.close()
         run.metrics.close()
@@ -596,12 +465,6 @@ def step_metrics(run: Run, batch: list[Experience], totals: dict[str, float]) ->
         reduced = run.accelerator.reduce(value.reshape(1).to(run.accelerator.device), "mean")
         out[f"train/{name}"] = float(reduced) * (run.accelerator.num_processes if name in TOTALS else 1)
     return out
-
-
-def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics: dict[str, float],
-            started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
-    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.resumed_from, stopped,
-                       time.perf_counter() - started)  # fmt: skip
 
 
 CONFIG_CLASS = ReinforceConfig

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +48,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from trainers.checkpoint import (
     find_latest_complete,
@@ -73,17 +71,21 @@ from trainers.optim import build_optimizer
 from trainers.recipe_common import (
     HARMLESS_FIELDS,
     TrainResult,
-    agree_to_stop,
+    asked_to_stop,
     check_resumable,
     clean_run_folder,
     disable_dropout,
+    evaluation_due,
     info,
     load_tokenizer,
     make_accelerator,
     plan_steps,
+    progress_bar,
     run_metadata,
     shard,
+    step_actions,
     train_and_held_out,
+    train_result,
 )
 
 RECIPE = "reward_model"
@@ -325,8 +327,7 @@ def train(cfg: RewardModelConfig, *, should_stop: Callable[[int], bool] | None =
     pad_id = run.tokenizer.pad_token_id
     eval_metrics: dict[str, float] = {}
     last_saved = run.resumed_from
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=RECIPE, file=sys.stderr, dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))  # fmt: skip
+    bar = progress_bar(accelerator, run.total_steps, run.start_step, RECIPE, cfg.progress)
     model.train()
     step = run.start_step
     try:
@@ -366,31 +367,24 @@ def train(cfg: RewardModelConfig, *, should_stop: Callable[[int], bool] | None =
                                "train/epoch": step / run.sampler.steps_per_epoch})  # fmt: skip
                 run.metrics.write(step, values)
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['train/accuracy']:.2f}")
-            # 6. Evaluate and checkpoint.
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+            # 6. Evaluate, then checkpoint and stop (recipe_common.step_actions).
+            if evaluation_due(step, run.total_steps, cfg.eval_every):
                 eval_metrics = evaluate(run)
                 run.metrics.write(step, eval_metrics)
-            stop = agree_to_stop(accelerator, should_stop is not None and should_stop(step))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
-                stop and step < run.total_steps
-            ):
+            stop = asked_to_stop(accelerator, should_stop, step)
+            act = step_actions(step, run.total_steps, cfg.checkpoint_every, stop)
+            if act.checkpoint:
                 last_saved = save(run, step, eval_metrics, final=False)
-            if stop and step < run.total_steps:
-                return _result(run, None, last_saved, step, eval_metrics, started, stopped=True)
+            if act.stop:
+                return train_result(run, started, step, eval_metrics, last_saved)
         # 7. Final evaluation and model.
         eval_metrics = evaluate(run)
         run.metrics.write(step, eval_metrics)
         final = save(run, step, eval_metrics, final=True)
-        return _result(run, final, last_saved, step, eval_metrics, started, stopped=False)
+        return train_result(run, started, step, eval_metrics, last_saved, final)
     finally:
         bar.close()
         run.metrics.close()
-
-
-def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics: dict[str, float],
-            started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
-    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.resumed_from, stopped,
-                       time.perf_counter() - started)  # fmt: skip
 
 
 CONFIG_CLASS = RewardModelConfig

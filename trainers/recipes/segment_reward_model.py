@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from trainers import recipe_common
 from trainers import segments as seg
@@ -73,17 +71,21 @@ from trainers.metrics import MetricsWriter, check_finite, reward_eval_metrics
 from trainers.normalise import fit_global_normaliser, fit_location_normaliser
 from trainers.optim import build_optimizer
 from trainers.recipe_common import (
-    agree_to_stop,
+    asked_to_stop,
     check_resumable,
     clean_run_folder,
     disable_dropout,
+    evaluation_due,
     info,
     load_tokenizer,
     make_accelerator,
     plan_steps,
+    progress_bar,
     run_metadata,
     shard,
+    step_actions,
     train_and_held_out,
+    train_result,
 )
 from trainers.segment_rm import (
     STUDIO_KEY,
@@ -410,8 +412,7 @@ def train(cfg: SegmentRewardModelConfig, *, should_stop: Callable[[int], bool] |
     lam = cfg.spans.weight if run.spans is not None else 0.0
     eval_metrics: dict[str, float] = {}
     last_saved = run.resumed_from
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=RECIPE, file=sys.stderr, dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))  # fmt: skip
+    bar = progress_bar(accelerator, run.total_steps, run.start_step, RECIPE, cfg.progress)
     model.train()
     step = run.start_step
     try:
@@ -459,32 +460,29 @@ def train(cfg: SegmentRewardModelConfig, *, should_stop: Callable[[int], bool] |
                                "train/epoch": step / run.sampler.steps_per_epoch})  # fmt: skip
                 run.metrics.write(step, values)
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}", acc=f"{values['train/accuracy']:.2f}")
-            # 7. Evaluate and checkpoint.
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+            # 7. Evaluate, then checkpoint and stop (recipe_common.step_actions).
+            if evaluation_due(step, run.total_steps, cfg.eval_every):
                 eval_metrics = evaluate(run)
                 run.metrics.write(step, eval_metrics)
-            stop = agree_to_stop(accelerator, should_stop is not None and should_stop(step))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
-                stop and step < run.total_steps
-            ):
+            stop = asked_to_stop(accelerator, should_stop, step)
+            act = step_actions(step, run.total_steps, cfg.checkpoint_every, stop)
+            if act.checkpoint:
                 last_saved = save(run, step, eval_metrics, final=False)
-            if stop and step < run.total_steps:
-                return _result(run, None, last_saved, step, eval_metrics, started, stopped=True)
+            if act.stop:
+                return train_result(
+                    run, started, step, eval_metrics, last_saved, cls=TrainResult, info=run.info
+                )
         # 8. Final evaluation, normaliser fit on the calibration split, final model.
         eval_metrics = evaluate(run)
         run.metrics.write(step, eval_metrics)
         run.info.normaliser = fit_normaliser(run)
         final = save(run, step, eval_metrics, final=True)
-        return _result(run, final, last_saved, step, eval_metrics, started, stopped=False)
+        return train_result(
+            run, started, step, eval_metrics, last_saved, final, cls=TrainResult, info=run.info
+        )
     finally:
         bar.close()
         run.metrics.close()
-
-
-def _result(run: Run, final: Path | None, last: Path | None, step: int, metrics: dict[str, float],
-            started: float, *, stopped: bool) -> TrainResult:  # fmt: skip
-    return TrainResult(Path(run.cfg.output_dir), final, last, step, metrics, run.resumed_from, stopped,
-                       time.perf_counter() - started, info=run.info)  # fmt: skip
 
 
 CONFIG_CLASS = SegmentRewardModelConfig
