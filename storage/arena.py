@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, func, select
 
@@ -164,15 +165,19 @@ def enter_arena(
 ) -> ArenaModel:
     """Enter a new checkpoint and its parent (when it has one) into the project's arena.
 
-    The parent becomes the anchor when the project has no active anchor yet. Models an admin
-    removed stay removed (``reactivate`` only for a manual entry).
+    The parent becomes the anchor when the project has no active anchor yet; a parent that belongs
+    to another project stays out. Models an admin removed stay removed (``reactivate`` only for a
+    manual entry).
     """
     manual = ArenaSource(source) == ArenaSource.manual
     checkpoint = session.get(Checkpoint, checkpoint_id)
     if checkpoint is None:
         raise ValueError(f"checkpoint {checkpoint_id} does not exist")
     parent_id = checkpoint.parent_id
-    if parent_id is not None and parent_id != checkpoint_id:
+    parent = session.get(Checkpoint, parent_id) if parent_id not in (None, checkpoint_id) else None
+    # Only a parent usable in this project (its own, or a studio-wide base model) enters: a job may
+    # start from another project's checkpoint, which the admin API (policy_or_404) would refuse too.
+    if parent is not None and parent.project_id in (None, project_id):
         add_model(session, project_id=project_id, checkpoint_id=parent_id, source=source, added_by=added_by,
                   reactivate=manual)  # fmt: skip
         parent = _row(session, project_id, parent_id)
@@ -252,23 +257,38 @@ def typed_external_id(text: str) -> str:
     return TYPED_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def upsert_typed_prompt(session: Session, *, project_id: int, text: str) -> Prompt:
-    """The project's prompt for a rater-typed text, created once (tag `arena-typed`)."""
-    external_id = typed_external_id(text)
-    row = session.exec(
+def _find_prompt(session: Session, project_id: int, external_id: str) -> Prompt | None:
+    return session.exec(
         select(Prompt).where(Prompt.project_id == project_id, Prompt.external_id == external_id)
     ).first()
-    if row is None:
-        row = Prompt(
-            project_id=project_id,
-            external_id=external_id,
-            kind=PromptKind.text,
-            text=text,
-            tags=[TYPED_TAG],
-            source="arena",
-        )
-        session.add(row)
-        session.flush()
+
+
+def upsert_typed_prompt(session: Session, *, project_id: int, text: str) -> Prompt:
+    """The project's prompt for a rater-typed text, created once (tag `arena-typed`).
+
+    Two raters typing the same text at once may both miss it and both insert (PostgreSQL: nothing
+    serialises them, unlike SQLite's BEGIN IMMEDIATE): the insert runs in a savepoint, and the loser
+    of the unique (project, external id) race reads the winner's row instead of failing.
+    """
+    external_id = typed_external_id(text)
+    row = _find_prompt(session, project_id, external_id)
+    if row is not None:
+        return row
+    try:
+        with session.begin_nested():
+            row = Prompt(
+                project_id=project_id,
+                external_id=external_id,
+                kind=PromptKind.text,
+                text=text,
+                tags=[TYPED_TAG],
+                source="arena",
+            )
+            session.add(row)
+    except IntegrityError:
+        row = _find_prompt(session, project_id, external_id)
+        if row is None:  # the conflict was not the typed prompt's: nothing to fall back on
+            raise
     return row
 
 
@@ -341,6 +361,22 @@ def seen_prompts(
         )
     ).all()
     return set(rows)
+
+
+def shown_generations(session: Session, *, project_id: int, user_id: int) -> set[int]:
+    """Ids of the generations the user was shown in any arena battle of the project (voted, pending
+    or given back). A vote names both sides, so these texts are never shown to that user blind again."""
+    rows = session.exec(
+        select(Comparison.generation_a_id, Comparison.generation_b_id)
+        .join(Assignment, Assignment.comparison_id == Comparison.id)
+        .where(
+            Comparison.project_id == project_id,
+            Comparison.purpose == ARENA,
+            Assignment.user_id == user_id,
+            Assignment.task == TaskKind.arena,
+        )
+    ).all()
+    return {int(g) for pair in rows for g in pair}
 
 
 def lock_rater(session: Session, *, user_id: int) -> None:

@@ -42,6 +42,7 @@ from storage.models import (
     MetricPoint,
     utcnow,
 )
+from storage.reward_scores import delete_scores
 
 QUEUED, RUNNING, INTERRUPTED = JobState.queued, JobState.running, JobState.interrupted
 SUCCEEDED, FAILED, CANCELLED = JobState.succeeded, JobState.failed, JobState.cancelled
@@ -442,6 +443,13 @@ def register_checkpoint(
     if row is None:
         row = Checkpoint(path=path, kind=kind, name=name)
         session.add(row)
+    elif row.manifest_sha256 != manifest_sha256:
+        # The same folder with other weights (a rerun): the old weights' reward scores no longer
+        # hold, and rm-agreement only scores generations without a score, so drop them.
+        # A re-registered *policy* keeps its arena generations and votes (they are of the old
+        # weights and still count for this id): deleting them would break voted comparisons;
+        # reruns into the same folder are rare, so that is left as is.
+        delete_scores(session, checkpoint_id=row.id)
     row.name = name
     row.project_id = job.project_id
     row.parent_id = job.base_checkpoint_id

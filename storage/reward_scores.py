@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, select
 
 from storage.models import Generation, Prompt, RewardScore, utcnow
@@ -60,6 +61,12 @@ def _dialect_insert(session: Session) -> Any:
     else:  # pragma: no cover - the studio supports these two
         raise NotImplementedError(f"no upsert for the {name} dialect")
     return insert
+
+
+def delete_scores(session: Session, *, checkpoint_id: int) -> int:
+    """Forget every score of the reward checkpoint (its weights changed); returns how many went."""
+    table = RewardScore.__table__
+    return session.execute(sa.delete(table).where(table.c.checkpoint_id == checkpoint_id)).rowcount
 
 
 def get_scores(

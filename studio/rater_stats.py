@@ -17,7 +17,9 @@ excludes the rater's own votes (otherwise a lone rater is compared with himself)
 count the vote itself as one more crowd member, p = (#{c ≤ v} + 1)/(n + 1) (the conformal
 p-value: never 0, and under exchangeability each factor has expectation ≤ 1, so M is a
 supermartingale and Ville's inequality gives P(sup M ≥ 1/α) ≤ α). A vote on a pair nobody else
-decided contributes a factor 1. The rater is flagged as soon as either martingale exceeds 1/α
+decided contributes a factor 1, and so does a tie / both_bad vote (v = ½): the crowd's counts are
+decisive votes only, so a ½ would sit outside every crowd value and read as extreme on one side
+(p = 1/(n + 1)), flagging a rater for honest ties; ties carry no direction to test. The rater is flagged as soon as either martingale exceeds 1/α
 (α = 0.05 → 20); the martingales reported are the values at that moment (or after the last vote
 examined). A flag is a warning: the leaderboard drops nothing unless asked to.
 
@@ -100,12 +102,13 @@ def outlier_martingales(
     """(M_up, M_low, flagged) for one rater's votes (v, crowd wins, crowd losses) in order.
 
     v ∈ {1, ½, 0} is the rater's score of the pair's first model; the crowd counts are the other
-    raters' decisive votes on the same pair (module docstring).
+    raters' decisive votes on the same pair (module docstring). A tie (v = ½) and a pair without a
+    crowd contribute a factor 1.
     """
     up = low = 1.0
     for v, crowd_wins, crowd_losses in votes[:max_votes]:
         n = crowd_wins + crowd_losses
-        if n == 0:
+        if n == 0 or v == 0.5:  # no crowd to compare with; a tie against decisive votes only is no evidence
             continue
         at_most = crowd_losses + (crowd_wins if v >= 1.0 else 0)  # crowd votes c ≤ v
         at_least = crowd_wins + (crowd_losses if v <= 0.0 else 0)  # crowd votes c ≥ v

@@ -21,6 +21,11 @@ Ties ("tie" and "both_bad" alike, §2.4): "half" = half a win and half a loss (F
 "drop" = left out of the fit (still counted in the per-model tallies); "davidson" = P(tie) =
 ν·√(π_i π_j)/(π_i + π_j + ν·√(π_i π_j)), π = e^(αθ), with ν fitted jointly (ν = 0 is plain BT).
 
+A model without a fitted vote (no battle at all; with "drop", only ties) has no estimate, only the
+ridge prior: its interval is NaN (not estimable; ranked 1 as an unbounded interval would be, and it
+moves nobody else's rank), its rows of `win_prob` and `diff_variance` are NaN, it is preliminary,
+and with "drop" the battle graph of `components` has decisive battles only (so it stands apart).
+
 Style control (§2.6): logit = α·(θ_a − θ_b) + z·β, z = standardised style differences
 (`studio.rating_style`), β with an L2 penalty ½·0.5·‖β‖² (FastChat's reg = 0.5); the reported
 rating is θ, i.e. the strength with style held equal.
@@ -121,9 +126,9 @@ class ModelRating:
     model: int
     rating: float
     lower: float
-    """2.5 % bootstrap quantile (display scale)."""
+    """2.5 % bootstrap quantile (display scale); NaN for a model without a fitted vote."""
     upper: float
-    """97.5 % bootstrap quantile."""
+    """97.5 % bootstrap quantile; NaN for a model without a fitted vote."""
     rank: int
     """1 + number of models whose lower bound is above this model's upper bound (ties share a rank)."""
     battles: int
@@ -553,7 +558,8 @@ def _model_rows(
                 model=model, rating=float(rating[i]), lower=float(lower[i]), upper=float(upper[i]),
                 rank=int(ranks[i]), battles=battles, wins=int(won[i]), losses=int(lost[i]), ties=int(tied[i]),
                 win_rate=float(won[i] / decisive) if decisive else math.nan,
-                preliminary=battles < options.min_battles_established or half_width > options.max_ci_halfwidth,
+                preliminary=battles < options.min_battles_established
+                or not half_width <= options.max_ci_halfwidth,  # NaN: no fitted vote
             )
         )  # fmt: skip
     return sorted(out, key=lambda r: (-r.rating, r.model))
@@ -581,6 +587,8 @@ def leaderboard(
     fitted = outcome != TIE if options.ties == "drop" else np.ones(len(kept), dtype=bool)
     rows = dedup_rows(a[fitted], b[fitted], outcome[fitted], None if features is None else features[fitted])
     fit, thetas = _fit_and_bootstrap(rows, n, options)
+    unfitted = np.ones(n, dtype=bool)  # models in no fitted row: nothing but the ridge prior
+    unfitted[a[fitted]] = unfitted[b[fitted]] = False
 
     offset = display_offset(fit.theta, index.get(options.anchor), options.anchor_rating)
     rating = SCALE * fit.theta + offset
@@ -590,14 +598,18 @@ def leaderboard(
         diff_variance = (boot[:, :, None] - boot[:, None, :]).var(axis=0)
     else:
         lower, upper, diff_variance = rating.copy(), rating.copy(), np.zeros((n, n))
+    lower[unfitted] = upper[unfitted] = np.nan
+    win_prob = win_probability(fit.theta)
+    for matrix in (diff_variance, win_prob):
+        matrix[unfitted, :] = matrix[:, unfitted] = np.nan
     return Leaderboard(
         ratings=_model_rows(models, rating, lower, upper, wins, ties, options),
         models=models,
         win_fraction=win_fraction(wins),
         battle_counts=wins + wins.T + ties,
         diff_variance=diff_variance,
-        win_prob=win_probability(fit.theta),
-        components=components(wins + ties, models),
+        win_prob=win_prob,
+        components=components(wins if options.ties == "drop" else wins + ties, models),
         style_coefficients=dict(zip(STYLE_KEYS, map(float, fit.beta), strict=True))
         if options.style_control
         else None,

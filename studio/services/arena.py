@@ -10,7 +10,9 @@ which holds the prompt and the two texts and nothing that names a model. `vote` 
 - Prompts come from the evaluation set (`storage.arena.eval_prompts`) or are typed by the rater.
   Generations sampled with the arena's settings are reused (pre-generated in batch, or left by an
   earlier battle); missing sides are generated now through the generation service's model cache and
-  its checkpoint re-hash guard, and stored with their sampling settings and seed.
+  its checkpoint re-hash guard, and stored with their sampling settings and seed. A text once shown to
+  a rater is never reused in her later battles (her vote named it). A model that cannot be loaded is
+  kept out and the battle scheduled again; before the vote, errors name no model (details go to the log).
 - The named side-by-side mode (admins) generates and stores nothing: it never counts.
 - The leaderboard is fitted by `studio.rating` from the counted votes and cached per
   (project, votes, options, models) (see `studio.services.arena_board`).
@@ -19,6 +21,7 @@ which holds the prompt and the two texts and nothing that names a model. `vote` 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +59,14 @@ if TYPE_CHECKING:
     from studio.generation import SamplingParams
     from studio.services.generate import GenerationService
 
+log = logging.getLogger(__name__)
+
+GENERATION_FAILED = "the arena could not prepare a battle right now; try again, or tell an admin"
+"""What a rater reads when a battle's responses cannot be generated: before the vote nothing may name
+a model (the details go to the log)."""
+MAX_SCHEDULES = 10
+"""Battles scheduled per request at most; each retry follows a model taken out as unloadable."""
+
 
 @dataclass(frozen=True)
 class ArenaConfig:
@@ -79,6 +90,8 @@ class ArenaConfig:
     """Bootstrap resamples of the board used for scheduling (the displayed board uses the options')."""
     max_prompt_chars: int = 4000
     """Longest prompt a rater (or an admin in named mode) may type."""
+    load_retry: timedelta = timedelta(minutes=10)
+    """How long a base model whose files could not be loaded stays out of battles before it is tried again."""
 
     def sampling(self, seed: int, batch_size: int = 1) -> SamplingParams:
         from studio.generation import SamplingParams
@@ -166,6 +179,7 @@ class ArenaService(ArenaAdmin, ArenaBoards):
         self.boards = BoardCache()
         self._schedule: dict[int, tuple[int, Board]] = {}
         self._schedule_lock = threading.Lock()
+        self._load_failed: dict[int, datetime] = {}
         # As in annotation: on SQLite, queue this service's writers in the process rather than
         # letting them poll the database lock.
         self._writer = threading.Lock() if is_sqlite(db.engine) else contextlib.nullcontext()
@@ -209,16 +223,18 @@ class ArenaService(ArenaAdmin, ArenaBoards):
         if prompt_text is not None:
             with self._write() as s:
                 prompt_id = store.upsert_typed_prompt(s, project_id=project_id, text=prompt_text).id
-        for attempt in range(3):
+        for _ in range(MAX_SCHEDULES):
             plan = self._plan(user, project_id, prompt_id)
             try:
                 texts = self._generate(plan, progress)
-            except Unloadable:  # the guard just marked a side unloadable: schedule again without it
-                if attempt == 2:
-                    raise
+            except Unloadable:  # that side is now kept out (and logged): schedule again without it
                 continue
+            except Exception:
+                # Any message here may name a checkpoint, its folder or its id: the rater has not voted.
+                log.exception("arena: generating a battle of checkpoints %s failed", plan.models)
+                raise ServiceError(GENERATION_FAILED) from None
             return self._reserve(user, project_id, plan, texts, release=chosen)
-        raise AssertionError("unreachable")
+        raise ServiceError(GENERATION_FAILED)
 
     def _plan(self, user: User, project_id: int, prompt_id: int | None) -> _Plan:
         with self.db.read() as s:
@@ -239,22 +255,24 @@ class ArenaService(ArenaAdmin, ArenaBoards):
         params = self.config.params()
         with self.db.read() as s:
             seen = store.seen_prompts(s, project_id=project_id, user_id=user.id, checkpoint_ids=(a, b))
+            # Every text this rater was shown in a battle may have been named by a vote: never reuse
+            # one blind (on a prompt seen with this pair, that makes both sides fresh samples).
+            shown = store.shown_generations(s, project_id=project_id, user_id=user.id)
             if prompt_id is None:
-                prompt_id = self._pick_prompt(s, project_id, (a, b), seen, params)
+                prompt_id = self._pick_prompt(s, project_id, (a, b), seen, shown, params)
             prompt = s.get(Prompt, prompt_id)
             if prompt is None or prompt.project_id != project_id:
                 raise NotFound(f"prompt {prompt_id} is not in this project")
-            reuse: tuple[Generation | None, Generation | None] = (None, None)
-            if prompt_id not in seen:  # on a prompt seen with this pair: fresh samples
-                found = store.arena_generations(
-                    s, prompt_ids=[prompt_id], checkpoint_ids=(a, b), params=params
-                )
-                reuse = tuple(self._one_of(found.get((prompt_id, m), [])) for m in (a, b))  # type: ignore[assignment]
-        return _Plan(prompt_id, prompt.messages or prompt.text, (a, b), reuse)
+            found = store.arena_generations(s, prompt_ids=[prompt_id], checkpoint_ids=(a, b), params=params)
+            reuse = tuple(self._one_of(_unshown(found.get((prompt_id, m), []), shown)) for m in (a, b))
+        return _Plan(prompt_id, prompt.messages or prompt.text, (a, b), reuse)  # type: ignore[arg-type]
 
-    def _pick_prompt(self, s: Session, project_id: int, pair: tuple[int, int], seen: set[int], params) -> int:
+    def _pick_prompt(
+        self, s: Session, project_id: int, pair: tuple[int, int], seen: set[int], shown: set[int], params
+    ) -> int:
         """An evaluation prompt the rater has not judged this pair on, preferring ones with both (then
-        one) responses already generated; when every prompt was seen, any (fresh samples)."""
+        one) responses already generated and not yet shown to the rater; when every prompt was seen,
+        any (fresh samples)."""
         ids = [i for i, _ in store.eval_prompts(s, project_id=project_id)]
         if not ids:
             raise ServiceError("this project has no evaluation prompts: import prompts, or type one")
@@ -262,7 +280,7 @@ class ArenaService(ArenaAdmin, ArenaBoards):
         if not fresh:
             return int(self._random(lambda rng: rng.choice(ids)))
         found = store.arena_generations(s, prompt_ids=fresh, checkpoint_ids=pair, params=params)
-        ready = {i: sum((i, m) in found for m in pair) for i in fresh}
+        ready = {i: sum(bool(_unshown(found.get((i, m), []), shown)) for m in pair) for i in fresh}
         best = max(ready.values())
         pool = [i for i in fresh if ready[i] == best]
         return int(self._random(lambda rng: rng.choice(pool)))
@@ -355,6 +373,10 @@ class ArenaService(ArenaAdmin, ArenaBoards):
             store.lock_rater(s, user_id=user.id)
             battle = s.get(Comparison, battle_id)
             assignment = store.rater_assignment(s, comparison_id=battle_id, user_id=user.id)
+            # First: is it this rater's arena battle? A replayed key must never reveal the sides of
+            # anything else (an annotation comparison, another rater's battle).
+            if battle is None or battle.purpose != ComparisonPurpose.arena or assignment is None:
+                raise NotFound(f"battle {battle_id} is not one of your arena battles")
             existing = votes.vote_by_key(s, key)
             if existing is not None:
                 if existing.user_id != user.id or existing.comparison_id != battle_id:
@@ -366,8 +388,6 @@ class ArenaService(ArenaAdmin, ArenaBoards):
                         "this idempotency key was already used with another choice; nothing was changed"
                     )
                 return _reveal(s, battle, existing)
-            if battle is None or battle.purpose != ComparisonPurpose.arena or assignment is None:
-                raise NotFound(f"battle {battle_id} is not one of your arena battles")
             earlier = votes.user_vote(s, comparison_id=battle_id, user_id=user.id)
             if earlier is not None:
                 raise Conflict("you already voted on this battle; nothing was changed",
@@ -383,6 +403,10 @@ class ArenaService(ArenaAdmin, ArenaBoards):
             )  # fmt: skip
             q.finish_assignment(s, assignment, status=AssignmentStatus.done, now=now)
             return _reveal(s, battle, vote)
+
+
+def _unshown(gens: Sequence[Generation], shown: set[int]) -> list[Generation]:
+    return [g for g in gens if g.id not in shown]
 
 
 def _sides(s: Session, battle: Comparison, left_generation_id: int) -> tuple[Generation, Generation]:

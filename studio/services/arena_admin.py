@@ -9,6 +9,7 @@ re-hash guard, storing an arena generation, and checking a typed prompt.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,7 @@ from sqlmodel import Session
 from storage import arena as store
 from storage import crud
 from storage.db import Database
+from storage.jobs import set_checkpoint_status
 from storage.models import ArenaSource, Checkpoint, CheckpointKind, CheckpointStatus, Generation, Prompt, Role
 from storage.preference_store import is_import_placeholder
 from studio.services.annotation_admin import project_or_404
@@ -33,6 +35,7 @@ VOTERS = (Role.rater.value, Role.annotator.value)
 """Who may vote (an admin passes every role check)."""
 ADMIN = Role.admin.value
 Progress = Callable[[float], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ class ArenaModelInfo:
 
 
 class Unloadable(ServiceError):
-    """The re-hash guard marked a checkpoint unloadable while it was being loaded."""
+    """A checkpoint could not be loaded and is now kept out of battles: the re-hash guard marked it
+    unloadable, or its files could not be read (see `ArenaAdmin._load`). The message names it: it is
+    for logs and admins, never for a rater before the vote."""
 
 
 def policy_or_404(s: Session, project_id: int, checkpoint_id: int) -> Checkpoint:
@@ -71,6 +76,8 @@ class ArenaAdmin:
     generation: GenerationService
     config: ArenaConfig
     clock: Callable[[], datetime]
+    _load_failed: dict[int, datetime]
+    """checkpoint id → when loading its base model last failed (kept out until `config.load_retry`)."""
 
     def _write(self) -> contextlib.AbstractContextManager[Session]:
         """A write transaction (provided by `ArenaService`)."""
@@ -211,15 +218,26 @@ class ArenaAdmin:
     # ----------------------------------------------------------------------- shared with the battles
 
     def _entries(self, s: Session, project_id: int) -> list[store.EntryRow]:
+        """The active, loadable arena models (none whose base model failed to load lately)."""
+        cutoff = self.clock() - self.config.load_retry
         return [
             e
             for e in store.list_entries(s, project_id=project_id, active_only=True)
-            if e.status == CheckpointStatus.ready and not is_import_placeholder(e.path)
+            if e.status == CheckpointStatus.ready
+            and not is_import_placeholder(e.path)
+            and self._load_failed.get(e.checkpoint_id, cutoff) <= cutoff
         ]
 
     def _load(self, checkpoint_id: int) -> LoadedModel:
         """The loaded model of a checkpoint, through the generation service's cache and its re-hash
-        guard (which marks altered files unloadable before any weight is read)."""
+        guard (which marks altered files unloadable before any weight is read).
+
+        A checkpoint whose files cannot be read raises `Unloadable` and is kept out of battles, so the
+        next schedule goes on without it: a trained one (it has a manifest) is marked unloadable, as
+        the guard does, and an admin's "verify" puts it back; a base model (no manifest: verify cannot
+        clear it, and a mark would also refuse training from it) is only skipped by this service for
+        ``config.load_retry`` (its folder may come back, or its hub download be made).
+        """
         with self.db.read() as s:
             ck = s.get(Checkpoint, checkpoint_id)
         try:
@@ -227,12 +245,19 @@ class ArenaAdmin:
         except ServiceError as exc:
             with self.db.read() as s:
                 if s.get(Checkpoint, checkpoint_id).status == CheckpointStatus.unloadable:
+                    log.warning("arena: checkpoint %s: %s", checkpoint_id, exc)
                     raise Unloadable(str(exc)) from None
             raise
         try:
             return self.generation.cache.get(ck.path)
-        except ValueError as exc:  # ModelNotFoundError is a ValueError
-            raise ServiceError(f"cannot load {ck.name}: {exc}") from None
+        except (ValueError, OSError) as exc:  # ModelNotFoundError is a ValueError; unreadable files OSError
+            log.warning("arena: checkpoint %s (%s) cannot be loaded: %s", ck.id, ck.path, exc)
+            if ck.manifest_sha256:
+                with self._write() as s:
+                    set_checkpoint_status(s, ck.id, CheckpointStatus.unloadable)
+            else:
+                self._load_failed[ck.id] = self.clock()
+            raise Unloadable(f"cannot load {ck.name}: {exc}") from None
 
     def _store_generation(self, s: Session, prompt_id: int, checkpoint_id: int, sample) -> Generation:
         """Store one sampled response with the arena's sampling settings and its seed."""

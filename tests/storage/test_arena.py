@@ -269,6 +269,24 @@ def test_register_checkpoint_enters_new_policies_with_their_parent(
         assert entries == {}
 
 
+def test_a_parent_from_another_project_does_not_enter_the_arena(db: Database, tmp_path):
+    # A job may start from another project's checkpoint; that one is not this project's to rate
+    # (the admin API refuses it too). A studio-wide base model (no project) does enter.
+    with db.write() as s:
+        pid, other = _project(s), _project(s)
+        foreign = _checkpoint(s, "foreign", project=other)
+        job = job_store.create_job(s, recipe="dpo", config={}, jobs_dir=tmp_path, project_id=pid,
+                                   base_checkpoint_id=foreign.id)  # fmt: skip
+        row = job_store.register_checkpoint(s, job=job, path="/jobs/x/final", kind=CheckpointKind.policy,
+                                            name="x", manifest_sha256=None, studio={})  # fmt: skip
+        own = _checkpoint(s, "own", parent=row.id, project=pid)
+        store.enter_arena(s, pid, own.id)
+    entries = _entries(db, pid)
+    assert set(entries) == {row.id, own.id}
+    assert [c for c, e in entries.items() if e.is_anchor] == [row.id]  # the foreign one is no anchor either
+    assert _entries(db, other) == {}
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -299,6 +317,30 @@ def test_typed_prompts_are_stored_once_per_text(db: Database):
     digest = hashlib.sha256(b"Write a haiku about rain.").hexdigest()[:16]
     assert first.external_id == f"arena-typed-{digest}" and first.tags == ["arena-typed"]
     assert first.text == "Write a haiku about rain." and first.source == "arena"
+
+
+def test_a_typed_prompt_inserted_concurrently_is_read_back_not_a_failure(any_db: Database, monkeypatch):
+    # Two raters type the same text: both miss it, the other commits first. Simulated by hiding the
+    # committed row from the first lookup; the insert hits the unique constraint in its savepoint and
+    # the winner's row comes back, with the transaction still usable.
+    with any_db.write() as s:
+        pid = _project(s)
+        winner = store.upsert_typed_prompt(s, project_id=pid, text="Same text.")
+    lookups = []
+    real = store._find_prompt
+
+    def racing(session, project_id, external_id):
+        lookups.append(external_id)
+        return None if len(lookups) == 1 else real(session, project_id, external_id)
+
+    monkeypatch.setattr(store, "_find_prompt", racing)
+    with any_db.write() as s:
+        got = store.upsert_typed_prompt(s, project_id=pid, text="Same text.")
+        assert got.id == winner.id and len(lookups) == 2
+        later = _prompt(s, pid, "after")  # the transaction goes on
+    with any_db.read() as s:
+        assert s.get(Prompt, later.id) is not None
+        assert len(s.exec(select(Prompt).where(Prompt.external_id == winner.external_id)).all()) == 1
 
 
 # --------------------------------------------------------------------------- battles and votes
@@ -359,6 +401,31 @@ def test_pending_battle_release_seen_prompts_and_find_battle(db: Database):
     with db.read() as s:
         assert s.get(Assignment, held.id).status == AssignmentStatus.skipped
         assert store.pending_battle(s, project_id=pid, user_id=rae.id, now=NOW) is None
+
+
+def test_shown_generations_are_those_of_every_battle_the_user_was_given(db: Database):
+    with db.write() as s:
+        pid, other_project = _project(s), _project(s)
+        rae, rob = _user(s, "rae"), _user(s, "rob")
+        a, b, c = _checkpoint(s, "a"), _checkpoint(s, "b"), _checkpoint(s, "c")
+        p1, p2 = _prompt(s, pid, "1"), _prompt(s, other_project, "2")
+        voted = _battle(s, pid, p1.id, a.id, b.id)
+        _vote(s, voted, rae.id, "a", "k1")
+        _assign(s, rae.id, pid, voted.id)
+        given_back = _battle(s, pid, p1.id, b.id, c.id)
+        q.finish_assignment(
+            s, _assign(s, rae.id, pid, given_back.id), status=AssignmentStatus.skipped, now=NOW
+        )
+        robs = _battle(s, pid, p1.id, a.id, c.id)
+        _assign(s, rob.id, pid, robs.id)
+        elsewhere = _battle(s, other_project, p2.id, a.id, b.id)
+        _assign(s, rae.id, other_project, elsewhere.id)
+        annotated = _battle(s, pid, p1.id, a.id, b.id, purpose=ComparisonPurpose.annotate)
+    with db.read() as s:
+        got = store.shown_generations(s, project_id=pid, user_id=rae.id)
+    assert got == {voted.generation_a_id, voted.generation_b_id, given_back.generation_a_id,
+                   given_back.generation_b_id}  # fmt: skip
+    assert not got & {robs.generation_a_id, robs.generation_b_id, annotated.generation_a_id}
 
 
 def test_arena_generations_match_the_sampling_settings_exactly(db: Database):

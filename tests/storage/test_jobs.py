@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import select
 
+from storage import crud
 from storage import jobs as q
 from storage.db import Database, check, downgrade, sqlite_url, upgrade
 from storage.models import (
@@ -21,6 +22,8 @@ from storage.models import (
     Job,
     JobState,
     MetricPoint,
+    Project,
+    Prompt,
     utcnow,
 )
 
@@ -352,6 +355,39 @@ def test_register_checkpoint_records_lineage_and_updates_the_same_folder(db, tmp
     assert (row.parent_id, row.recipe, row.manifest_sha256, row.status) == (
         base.id, "reward_model", "b" * 64, CheckpointStatus.unloadable,
     )  # fmt: skip
+
+
+def test_rerun_with_other_weights_drops_the_reward_models_scores(db, tmp_path):
+    # rm-agreement scores only generations without a score: old weights' scores would stay forever.
+    from storage import reward_scores
+
+    with db.write() as s:
+        project = Project(name="p")
+        s.add(project)
+        s.flush()
+        policy = Checkpoint(name="base", path="tiny", kind=CheckpointKind.policy, project_id=project.id)
+        prompt = Prompt(project_id=project.id, external_id="x", kind="text", text="hi")
+        s.add_all([policy, prompt])
+        s.flush()
+        gen = crud.add_generation(
+            s, prompt_id=prompt.id, checkpoint_id=policy.id, text="t", params={}, seed=0
+        )
+        job = q.create_job(s, recipe="reward_model", config={}, jobs_dir=tmp_path, project_id=project.id)
+        other = q.register_checkpoint(s, job=job, path="/r/other", kind=CheckpointKind.reward, name="rm2",
+                                      manifest_sha256="c" * 64, studio={})  # fmt: skip
+
+        def register(sha):
+            return q.register_checkpoint(s, job=job, path="/r/final", kind=CheckpointKind.reward, name="rm",
+                                         manifest_sha256=sha, studio={})  # fmt: skip
+
+        rm = register("a" * 64)
+        for ck in (rm.id, other.id):
+            reward_scores.upsert_scores(s, checkpoint_id=ck, scores={gen.id: 1.0})
+        assert register("a" * 64).id == rm.id  # the same weights again: the scores hold
+        assert reward_scores.get_scores(s, checkpoint_id=rm.id) == {gen.id: 1.0}
+        assert register("b" * 64).id == rm.id
+        assert reward_scores.unscored(s, checkpoint_id=rm.id, generation_ids=[gen.id]) == [gen.id]
+        assert reward_scores.get_scores(s, checkpoint_id=other.id) == {gen.id: 1.0}  # only that model's
 
 
 # --------------------------------------------------------------------------- migration 0003

@@ -163,10 +163,12 @@ def test_battle_is_blind_pending_until_voted_and_the_vote_reveals(seeded):
         arena.vote("rae", view.battle_id, "tie", idempotency_key="key-1")
     with pytest.raises(Conflict, match="already voted"):
         arena.vote("rae", view.battle_id, "tie", idempotency_key="key-2")
-    with pytest.raises(NotFound):  # not rob's battle
-        arena.vote("rob", view.battle_id, "left", idempotency_key="key-3")
-    with pytest.raises(Conflict, match="another vote"):  # rae's key, rob's request
-        arena.vote("rob", view.battle_id, choice, idempotency_key="key-1")
+    for key in ("key-3", "key-1"):  # not rob's battle: even with rae's key, nothing is replayed to him
+        with pytest.raises(NotFound):
+            arena.vote("rob", view.battle_id, choice, idempotency_key=key)
+    robs = arena.next_battle("rob", env.pid)
+    with pytest.raises(Conflict, match="another vote"):  # rae's key on rob's own battle
+        arena.vote("rob", robs.battle_id, "left", idempotency_key="key-1")
     assert count(env.db, PairwiseVote) == 1
     assert arena.next_battle("rae", env.pid).battle_id != view.battle_id
 
@@ -184,6 +186,27 @@ def test_raters_share_stored_responses_but_never_see_a_prompt_twice_for_a_pair(s
         count(env.db, Generation) == 12 and count(env.db, Comparison) == 6
     )  # both raters judged each battle
     assert count(env.db, Assignment, Assignment.task == TaskKind.arena) == 12
+
+
+def test_a_key_of_an_annotation_vote_replays_nothing_in_the_arena(seeded):
+    # The battle check comes before the idempotency replay: the rater's key of an annotation vote on
+    # that comparison must not bring back a Reveal naming its checkpoints.
+    env, arena = seeded, seeded.arena
+    with env.db.write() as s:
+        gens = s.exec(
+            select(Generation).where(Generation.prompt_id == env.prompts[0]).order_by(Generation.id)
+        ).all()
+        annotated = crud.add_comparison(s, project_id=env.pid, prompt_id=env.prompts[0], generation_a_id=gens[0].id,
+                                        generation_b_id=gens[1].id, purpose="annotate", a_on_left=True)  # fmt: skip
+        s.add(PairwiseVote(comparison_id=annotated.id, user_id=user_id(env, "rae"), outcome="a",
+                           left_generation_id=gens[0].id, idempotency_key="annot-key"))  # fmt: skip
+    for key in ("annot-key", "fresh-key"):
+        with pytest.raises(NotFound):
+            arena.vote("rae", annotated.id, "left", idempotency_key=key)
+    view = arena.next_battle("rae", env.pid)
+    with pytest.raises(Conflict, match="another vote"):  # on her own battle the key is simply taken
+        arena.vote("rae", view.battle_id, "left", idempotency_key="annot-key")
+    assert count(env.db, PairwiseVote) == 1
 
 
 def test_roles(seeded):
@@ -417,6 +440,98 @@ def test_unloadable_checkpoints_never_play(live, tmp_path, tiny_model):
     arena.remove_model("ada", env.pid, env.base)
     with pytest.raises(ServiceError, match="at least two loadable"):
         arena.next_battle("rob", env.pid)
+
+
+def add_policy(env, name: str, parent: int, *, path: str | None = None, texts: bool = True, **values) -> int:
+    """Another policy of the project in the arena (as a training job would enter it), optionally with
+    arena responses to every eval prompt ("<name> says <i>")."""
+    params = env.arena.config.params()
+    with env.db.write() as s:
+        ck = Checkpoint(name=name, path=path or f"/nowhere/{name}", kind=CheckpointKind.policy, parent_id=parent,
+                        project_id=env.pid, recipe="dpo", **values)  # fmt: skip
+        s.add(ck)
+        s.flush()
+        for i, prompt_id in enumerate(env.prompts if texts else []):
+            crud.add_generation(s, prompt_id=prompt_id, checkpoint_id=ck.id, text=f"{name} says {i}",
+                                params=params, seed=i)  # fmt: skip
+        store.enter_arena(s, env.pid, ck.id)
+        return ck.id
+
+
+def test_a_response_shown_to_a_rater_is_never_reused_in_her_blind_battles(db, tmp_path, tiny_model):
+    # rae's votes named the base's stored responses; when a new model meets the base, the base's side
+    # must be a fresh sample for her (only the base is loadable: the others' responses are stored).
+    from studio.generation import ModelCache
+
+    env = make_env(db, tmp_path, base_path=str(tiny_model), child_path="/nowhere/child", prompts=2, seeded=True,
+                   cache=ModelCache(max_models=2), max_new_tokens=6)  # fmt: skip
+    arena, named = env.arena, {}
+    for n in range(2):
+        view = arena.next_battle("rae", env.pid)
+        reveal = arena.vote("rae", view.battle_id, "left", idempotency_key=f"k{n}")
+        named |= {view.left: reveal.left_name, view.right: reveal.right_name}
+    assert count(env.db, Generation) == 4  # both battles reused the stored responses
+    newer = add_policy(env, "child2", env.base)
+    for n in range(2):
+        view = arena.next_battle("rae", env.pid)
+        assert not {view.left, view.right} & set(named), "a text rae saw named is shown to her blind"
+        reveal = arena.vote("rae", view.battle_id, "tie", idempotency_key=f"z{n}")
+        assert {reveal.left_name, reveal.right_name} == {f"#{env.base} {BASE_NAME}", f"#{newer} child2"}
+        assert {view.left, view.right} & {"child2 says 0", "child2 says 1"}  # never shown: reused
+        named |= {view.left: reveal.left_name, view.right: reveal.right_name}
+    assert count(env.db, Generation) == 8  # two fresh base samples
+    # rob saw nothing yet: every stored response is fair game for him (nothing generated).
+    arena.next_battle("rob", env.pid)
+    assert count(env.db, Generation) == 8
+
+
+def test_before_the_vote_errors_name_no_model_and_an_unloadable_one_is_skipped(
+    db, tmp_path, tiny_model, child_model, monkeypatch
+):
+    from studio.generation import ModelCache
+    from studio.services.arena import GENERATION_FAILED
+
+    env = make_env(db, tmp_path, base_path=str(tiny_model), child_path=str(child_model), prompts=2, seeded=True,
+                   cache=ModelCache(max_models=3), max_new_tokens=6)  # fmt: skip
+    arena = env.arena
+    # The newest model meets its parent first; its folder is gone (a base-like model: no manifest).
+    gone = add_policy(env, "gone-run", env.base, texts=False)
+    view = arena.next_battle("rae", env.pid, prompt_text="Say hi.")
+    with env.db.read() as s:
+        battle = s.get(Comparison, view.battle_id)
+        sides = {s.get(Generation, g).checkpoint_id for g in (battle.generation_a_id, battle.generation_b_id)}
+        assert (
+            s.get(Checkpoint, gone).status == CheckpointStatus.ready
+        )  # not marked: verify could not undo it
+    assert sides == {env.base, env.child}  # scheduled again without the missing one
+    assert gone in arena._load_failed
+    # A trained one (it has a manifest) whose files cannot be read is marked unloadable, as the guard does.
+    broken = add_policy(env, "broken-run", env.base, texts=False, manifest_sha256="f" * 64)
+    monkeypatch.setattr(env.generation, "check_loadable", lambda ck: None)  # files "match": loading fails
+    arena.next_battle("rae", env.pid, prompt_text="Say hello.")
+    with env.db.read() as s:
+        assert s.get(Checkpoint, broken).status == CheckpointStatus.unloadable
+    # When no battle can be prepared, the rater reads nothing that names a model.
+    import studio.generation
+
+    def boom(loaded, prompts, params, progress=None):
+        raise RuntimeError(f"CUDA error in {CHILD_NAME} at {tiny_model} (checkpoint {env.base})")
+
+    monkeypatch.setattr(studio.generation, "generate", boom)
+    with pytest.raises(ServiceError) as exc:
+        arena.next_battle("rae", env.pid, prompt_text="Say goodbye.")
+    assert str(exc.value) == GENERATION_FAILED
+    for secret in (BASE_NAME, CHILD_NAME, "gone-run", "nowhere", str(tiny_model), f"{env.base}"):
+        assert secret not in str(exc.value)
+
+
+def test_typed_prompt_with_no_loadable_model_names_none(seeded):
+    env, arena = seeded, seeded.arena
+    with pytest.raises(ServiceError) as exc:  # neither folder exists: both are skipped in turn
+        arena.next_battle("rae", env.pid, prompt_text="what is 2+2?")
+    for secret in (BASE_NAME, CHILD_NAME, "/nowhere", f"#{env.base}", f"#{env.child}"):
+        assert secret not in str(exc.value)
+    assert count(env.db, Comparison) == 0
 
 
 def test_concurrent_requests_of_one_rater_reserve_one_battle_and_record_one_vote(seeded):

@@ -61,11 +61,25 @@ def test_votes_without_a_rater_feed_the_crowd_only():
 
 
 def test_martingale_factors_by_hand():
-    # tie (v = ½) against a crowd of 3 wins, 1 loss: p_up = (#{c ≤ ½} + 1)/(n + 1) = 2/5, p_low = 4/5
-    up, low, flagged = outlier_martingales([(0.5, 3, 1)])
-    assert (up, low, flagged) == (pytest.approx(1 / (2 * 0.4)), pytest.approx(1 / (2 * 0.8)), False)
-    # a vote on a pair nobody else decided changes nothing
+    # v = 0 against a crowd of 3 wins, 1 loss: p_up = (#{c ≤ 0} + 1)/(n + 1) = 2/5,
+    # p_low = (#{c ≥ 0} + 1)/(n + 1) = 5/5
+    up, low, flagged = outlier_martingales([(0.0, 3, 1)])
+    assert (up, low, flagged) == (pytest.approx(1 / (2 * 0.4)), pytest.approx(1 / 2), False)
+    # a vote on a pair nobody else decided changes nothing, and neither does a tie (v = ½): the crowd
+    # is decisive votes only, so ½ would read as extreme against any crowd
     assert outlier_martingales([(1.0, 0, 0)]) == (1.0, 1.0, False)
+    assert outlier_martingales([(0.5, 3, 1), (0.5, 50, 0)]) == (1.0, 1.0, False)
+
+
+def test_a_rater_who_ties_now_and_then_is_not_flagged_against_a_decisive_crowd():
+    crowd = [B(1, 2, "a", rater=r) for r in (10, 11, 12) for _ in range(5)]  # 15 decisive: 1 beats 2
+    honest = [B(1, 2, "tie", rater=99), B(1, 2, "both_bad", rater=99), *[B(1, 2, "a", rater=99)] * 3]
+    s = stats_of(crowd + honest, 99)
+    # only the three agreeing votes count: each factor (15 + 1)/(2·(15 + 1)) = ½ on both sides
+    assert not s.flagged and s.crowd_agreement == 1.0
+    assert (s.martingale_up, s.martingale_low) == (pytest.approx(0.125), pytest.approx(0.125))
+    ties_only = stats_of(crowd + [B(1, 2, "tie", rater=98)] * 20, 98)
+    assert (ties_only.martingale_up, ties_only.martingale_low, ties_only.flagged) == (1.0, 1.0, False)
 
 
 def test_contrarian_rater_is_flagged_after_two_votes():

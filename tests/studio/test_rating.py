@@ -114,6 +114,41 @@ def test_drop_ties_fits_decisive_votes_only_but_counts_the_ties():
     assert board.n_battles == 9
 
 
+def test_drop_ties_leaves_a_model_with_only_ties_unrated_and_apart():
+    # Model 2 only tied with 1: with ties dropped nothing is fitted for it, so no interval (NaN, not the
+    # ridge prior's zero width), preliminary however many battles, no fitted probabilities, and a
+    # component of its own. Model 1 and 3 split their decisive battles.
+    battles = votes(1, 2, ties=30) + votes(1, 3, a_wins=5, b_wins=5)
+    board = leaderboard(
+        battles,
+        [1, 2, 3],
+        RatingOptions(ties="drop", bootstrap=50, min_battles_established=5, max_ci_halfwidth=1e3),
+    )
+    by = {r.model: r for r in board.ratings}
+    assert math.isnan(by[2].lower) and math.isnan(by[2].upper) and math.isfinite(by[2].rating)
+    assert by[2].preliminary and by[2].battles == 30 and by[2].ties == 30
+    for m in (1, 3):
+        assert by[m].lower < by[m].rating < by[m].upper and not by[m].preliminary
+    assert [r.rank for r in board.ratings] == [1, 1, 1]  # an unknown interval overlaps everything
+    assert board.components == [[1, 3], [2]]
+    assert np.isnan(board.win_prob[1]).all() and np.isnan(board.win_prob[:, 1]).all()
+    assert (
+        np.isnan(board.diff_variance[1]).all() and np.isfinite(board.diff_variance[[0, 2]][:, [0, 2]]).all()
+    )
+    assert board.win_prob[0, 2] == pytest.approx(0.5, abs=0.02)
+    # Counting ties (half), model 2 is fitted, with an interval, and in one component with the others.
+    half = leaderboard(battles, [1, 2, 3], RatingOptions(bootstrap=50))
+    assert all(math.isfinite(r.lower) and math.isfinite(r.upper) for r in half.ratings)
+    assert half.components == [[1, 2, 3]]
+
+
+def test_a_model_without_battles_has_no_interval():
+    board = leaderboard(votes(1, 2, a_wins=3, b_wins=2), [1, 2, 3], RatingOptions(bootstrap=20))
+    by = {r.model: r for r in board.ratings}
+    assert math.isnan(by[3].lower) and by[3].preliminary and by[3].battles == 0
+    assert math.isfinite(by[1].lower) and math.isfinite(by[2].upper)
+
+
 def test_davidson_two_models_matches_the_closed_form():
     # Two models: the Davidson MLE reproduces the three frequencies exactly:
     # e^(αΔθ) = n_A/n_B and ν = n_T / √(n_A·n_B)
