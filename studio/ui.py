@@ -11,10 +11,12 @@ from studio.services import Services
 from studio.settings import Settings
 from studio.tabs import (
     annotate,
+    arena,
     browse,
     datasets,
     generate,
     imports,
+    leaderboard,
     projects,
     segments,
     team,
@@ -25,6 +27,7 @@ from studio.tabs.common import (
     ADMIN,
     ANNOTATOR,
     DB_EVENTS,
+    RATER,
     UI_ONLY,
     Shared,
     project_choices,
@@ -74,12 +77,17 @@ def build_app(services: Services) -> gr.Blocks:
                 ds = datasets.build(shared)
             with shared.tab("Training", "training", ADMIN) as training_tab:
                 trn = training.build(shared)
+            with shared.tab("Arena", "arena", RATER, ANNOTATOR) as arena_tab:
+                arn = arena.build(shared)
+            with shared.tab("Leaderboard", "leaderboard") as leaderboard_tab:
+                lbd = leaderboard.build(shared)
             with shared.tab("Users", "users", ADMIN) as users_tab:
                 usr = users.build(shared)
         _wire(demo, shared, proj, imp, gen, brw)
         wire_session(demo, shared, session, tabs)
         users_tab.select(*usr["refresh"], **DB_EVENTS)
         training.wire(shared, training_tab, trn)
+        _wire_arena(shared, arena_tab, arn, leaderboard_tab, lbd)
         _wire_annotation(
             shared,
             {
@@ -159,6 +167,15 @@ def _wire_annotation(shared: Shared, parts: dict[str, tuple[gr.Tab, dict]]) -> N
     shared.project_select.change(*ds["clear"], **UI_ONLY)
 
 
+def _wire_arena(shared: Shared, arena_tab: gr.Tab, arn: dict, leaderboard_tab: gr.Tab, lbd: dict) -> None:
+    """The arena's admin tools fill when the tab opens; the leaderboard loads only when its tab opens
+    (never on page load, so a rater's page names no checkpoint before a vote)."""
+    arena_tab.select(*arn["on_tab"], **DB_EVENTS)
+    shared.project_select.change(*arn["on_project"], **UI_ONLY)
+    leaderboard_tab.select(*lbd["refresh"], **DB_EVENTS).then(*lbd["rm_refresh"], **DB_EVENTS)
+    shared.project_select.change(*lbd["clear"], **UI_ONLY)
+
+
 def mount_options(settings: Settings) -> dict[str, Any]:
     """`gr.mount_gradio_app()` keyword arguments: safe defaults for a studio holding annotation data."""
     return {
@@ -175,5 +192,5 @@ def mount_options(settings: Settings) -> dict[str, Any]:
         "show_error": False,
         "ssr_mode": False,
         "mcp_server": False,
-        "js": KEYBOARD_JS,
+        "js": arena.with_arena_keys(KEYBOARD_JS),
     }
