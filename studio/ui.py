@@ -192,5 +192,5 @@ def mount_options(settings: Settings) -> dict[str, Any]:
         "show_error": False,
         "ssr_mode": False,
         "mcp_server": False,
-        "js": arena.with_arena_keys(KEYBOARD_JS),
+        "js": KEYBOARD_JS,
     }

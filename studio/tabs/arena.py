@@ -14,7 +14,6 @@ side-by-side for debugging that is never stored as a battle or a vote.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import secrets
 import time
@@ -47,14 +46,6 @@ VOTES = [
     ("Tie [3]", "arena-vote-tie", "tie"),
     ("Both bad [4]", "arena-vote-both-bad", "both_bad"),
 ]
-ARENA_KEYS: dict[str, list[str]] = {
-    "1": ["arena-vote-a"],
-    "2": ["arena-vote-b"],
-    "3": ["arena-vote-tie"],
-    "4": ["arena-vote-both-bad"],
-    "n": ["arena-next", "arena-new"],
-}
-"""Key (lower case) -> elem_ids of the buttons it may click: the first one shown and enabled."""
 KEY_LEGEND = "Keys: **1** A is better · **2** B is better · **3** tie · **4** both bad · **N** new battle"
 MODEL_COLUMNS = ["id", "checkpoint", "anchor", "parent", "source", "status", "battles"]
 PACE_TICKS = 40
@@ -67,39 +58,6 @@ NEVER_COUNTED = (
     "⚠ **Debug only, never counted.** The names are shown, so nothing here is stored as a battle or a "
     "vote and the leaderboard does not change."
 )
-
-ARENA_KEYBOARD_JS = """() => {
-  if (window.__arenaKeys) return;
-  window.__arenaKeys = true;
-  const KEYS = __KEYS__;
-  const typing = (el) => {
-    if (!el) return false;
-    if (el.isContentEditable || el.tagName === 'TEXTAREA' || el.tagName === 'SELECT') return true;
-    return el.tagName === 'INPUT' && !['radio', 'checkbox', 'button', 'submit'].includes(el.type);
-  };
-  document.addEventListener('keydown', (e) => {
-    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
-    if (typing(e.target) || typing(document.activeElement)) return;
-    const ids = KEYS[(e.key || '').toLowerCase()];
-    if (!ids) return;
-    for (const id of ids) {
-      const button = document.getElementById(id);
-      if (!button || button.disabled || button.offsetParent === null) continue;
-      e.preventDefault();
-      button.click();
-      return;
-    }
-  });
-}""".replace("__KEYS__", json.dumps(ARENA_KEYS))
-
-
-def with_arena_keys(page_js: str) -> str:
-    """The page's start-up script (`launch(js=...)`) followed by the arena's key listener.
-
-    Both listeners skip hidden buttons, so a key clicks the Pairwise tab's button or the arena's, never
-    both: only the open tab's buttons are shown.
-    """
-    return f"() => {{ ({page_js})(); ({ARENA_KEYBOARD_JS})(); }}"
 
 
 @dataclass(frozen=True)

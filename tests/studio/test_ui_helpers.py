@@ -212,3 +212,12 @@ def test_every_event_has_an_explicit_concurrency_group_within_the_database_pool(
 def test_gradio_cache_is_swept(built_app):
     """R-SEC-09: uploaded and generated temporary files older than an hour go every 10 minutes."""
     assert built_app.delete_cache == (600, 3600)
+
+
+def test_one_key_listener_serves_the_pairwise_and_arena_tabs():
+    from studio.components.keys import ARENA_KEYS, key_map
+
+    merged = key_map(VOTE_KEYS, ARENA_KEYS)
+    assert merged["1"] == ["vote-a", "arena-vote-a"]  # the first shown and enabled one is clicked
+    assert merged["n"] == ["arena-next", "arena-new"] and merged["s"] == ["vote-skip"]
+    assert json.dumps(merged) in KEYBOARD_JS
