@@ -9,8 +9,9 @@ so offline and online runs are measured the same way.
 — the very function that formatted the training prompts — with the *target* standardised reward in
 place of the sample's, then sampled normally. The reward source scores the response against the
 *original* prompt (:class:`UnconditionedReward` strips the conditioning first), so a reward model never
-sees the tag. KL and perplexity are those of the conditioned prompt under the reference (the reference
-reads the tag as plain text).
+sees the tag. KL and perplexity compare against the starting policy on the *original* prompt:
+KL(π(·|tagged x) ‖ π_ref(·|x)), the same quantity as the other methods' (scoring the tagged prompt under
+the reference would charge the DT policy for the reference's surprise at the tag).
 
 **Controllability curve**: the same prompts and sampling noise (same seed) at every target, so the
 points differ only by the target; :func:`trainers.offline.curve_slope` summarises it.
@@ -77,7 +78,7 @@ def evaluate_dt(
     return evaluate_policy(policy, reference, setup.tokenizer, prompts, UnconditionedReward(setup.reward),
                            setup.sampling, setup.batch_size, seed=setup.seed,
                            max_prompt_tokens=setup.max_prompt_tokens, stop_at_newline=setup.stop_at_newline,
-                           chunk_steps=setup.chunk_steps, prefix=prefix)  # fmt: skip
+                           chunk_steps=setup.chunk_steps, prefix=prefix, reference_prompts=setup.prompts)  # fmt: skip
 
 
 def controllability_curve(

@@ -184,6 +184,7 @@ def evaluate_policy(
     processors: Sequence[LogitsProcessor] = (),
     chunk_steps: int = 16,
     prefix: str = "eval/",
+    reference_prompts: Sequence[Prompt] | None = None,
 ) -> dict[str, float]:
     """Sample one response per prompt with ``policy`` and report the metrics of the module doc.
 
@@ -203,6 +204,9 @@ def evaluate_policy(
         processors: extra logits processors of the policy's sampling (e.g. an NLPO mask).
         chunk_steps: response steps per chunk of reference logits.
         prefix: prepended to every key.
+        reference_prompts: (N,) the prompts the reference scores the responses under, when they differ
+            from the policy's (a Decision-Transformer policy reads a conditioned prompt; its KL and
+            perplexity are measured against the starting policy on the original one). None: ``prompts``.
 
     Returns:
         ``{prefix + name: float}`` for reward, reward_std, kl, perplexity, distinct_1, distinct_2,
@@ -212,6 +216,8 @@ def evaluate_policy(
         raise ValueError("no prompts to evaluate on")
     if references is not None and len(references) != len(prompts):
         raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
+    if reference_prompts is not None and len(reference_prompts) != len(prompts):
+        raise ValueError(f"{len(reference_prompts)} reference prompts for {len(prompts)} prompts")
     device = next(policy.parameters()).device
     was_training = policy.training
     policy.eval()
@@ -226,7 +232,12 @@ def evaluate_policy(
             batch = rollout(policy, ids, mask, sampling, eos_token_ids=eos, pad_token_id=pad, processors=processors,
                             generator=row_generators(seed, range(start, start + len(chunk))),
                             return_logprobs=False, return_raw_logprobs=True)  # fmt: skip
-            ref = score_tokens(reference, ids, mask, batch.response_ids, batch.response_mask,
+            ref_ids, ref_mask = ids, mask
+            if reference_prompts is not None:
+                ref_chunk = list(reference_prompts[start : start + batch_size])
+                ref_ids, ref_mask = left_pad(encode_prompts(tokenizer, ref_chunk, max_prompt_tokens), pad)
+                ref_ids, ref_mask = ref_ids.to(device), ref_mask.to(device)
+            ref = score_tokens(reference, ref_ids, ref_mask, batch.response_ids, batch.response_mask,
                                chunk_steps=chunk_steps).logprobs  # fmt: skip
             m = batch.response_mask
             kls.extend((batch.raw_logprobs - ref).masked_fill(~m, 0.0).sum(-1).tolist())

@@ -104,10 +104,11 @@ def test_reward_tensor_puts_sequence_rewards_on_the_last_sampled_token(tok, ref)
         )
 
 
-def naive_metrics(model, reference, tok, prompts, max_new_tokens):
-    """Greedy answers one prompt at a time with HF generate; KL and perplexity by plain forwards."""
+def naive_metrics(model, reference, tok, prompts, max_new_tokens, ref_prompts=None):
+    """Greedy answers one prompt at a time with HF generate; KL and perplexity by plain forwards (the
+    reference reading the response after ``ref_prompts[i]`` when given)."""
     kl, nll, n, texts = [], 0.0, 0, []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         ids = torch.tensor([tok(prompt)["input_ids"]])
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)  # fmt: skip
@@ -115,7 +116,9 @@ def naive_metrics(model, reference, tok, prompts, max_new_tokens):
         texts.append(tok.decode(response, skip_special_tokens=True))
         with torch.no_grad():
             lp = torch.log_softmax(model(out).logits[0, ids.shape[1] - 1 : -1], -1)
-            rp = torch.log_softmax(reference(out).logits[0, ids.shape[1] - 1 : -1], -1)
+            ref_ids = ids if ref_prompts is None else torch.tensor([tok(ref_prompts[i])["input_ids"]])
+            ref_seq = torch.cat([ref_ids, response[None]], dim=1)
+            rp = torch.log_softmax(reference(ref_seq).logits[0, ref_ids.shape[1] - 1 : -1], -1)
         picked = response[:, None]
         kl.append(float((lp.gather(-1, picked) - rp.gather(-1, picked)).sum()))
         nll -= float(rp.gather(-1, picked).sum())
@@ -143,6 +146,21 @@ def test_greedy_evaluation_matches_a_naive_one_prompt_at_a_time_computation(tok,
     again = evaluate_policy(other, ref, tok, PROMPTS, reward, cfg, batch_size=4, references=refs)
     assert again["eval/bleu"] == pytest.approx(corpus_bleu([t.strip() for t in seen], refs))
     assert again["eval/bleu"] > 0
+
+
+def test_the_reference_can_read_other_prompts_than_the_policy(tok, ref, other) -> None:
+    # a DT policy samples after a conditioned prompt; its KL is to the reference on the original prompt
+    tagged = [f"<rm_score>: 2.00\n{p}" for p in PROMPTS]
+    reward = CallableReward(lambda p, r: 0.0, tok)
+    cfg = SamplingConfig(max_new_tokens=7, temperature=0)
+    got = evaluate_policy(other, ref, tok, tagged, reward, cfg, batch_size=4, reference_prompts=PROMPTS)
+    naive = naive_metrics(other, ref, tok, tagged, 7, ref_prompts=PROMPTS)
+    assert got["eval/kl"] == pytest.approx(naive["kl"], rel=1e-4, abs=1e-4)
+    assert got["eval/perplexity"] == pytest.approx(naive["perplexity"], rel=1e-4)
+    same_prompt = evaluate_policy(other, ref, tok, tagged, reward, cfg, batch_size=4)
+    assert got["eval/kl"] != pytest.approx(same_prompt["eval/kl"], rel=1e-3)
+    with pytest.raises(ValueError, match="2 reference prompts for 6 prompts"):
+        evaluate_policy(other, ref, tok, tagged, reward, cfg, batch_size=4, reference_prompts=PROMPTS[:2])
 
 
 def test_sampled_evaluation_does_not_depend_on_the_batch_size_and_kl_to_itself_is_zero(tok, ref) -> None:
