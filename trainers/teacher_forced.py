@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainers.logprobs import direct_head
-from trainers.rollout import LogitsProcessor, positions
+from trainers.rollout import LogitsProcessor, apply_chunk, positions
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,7 @@ def chunk_scores(
     """
     logits = head(states).float()
     if processors:
-        steps = []
-        for j in range(logits.shape[1]):
-            row = logits[:, j]
-            for process in processors:
-                row = process(first_step + j, row)
-            steps.append(row)
-        logits = torch.stack(steps, dim=1)
+        logits = apply_chunk(processors, first_step, logits)
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, targets[..., None]).squeeze(-1)
     if not with_entropy:

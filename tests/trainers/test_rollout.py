@@ -15,17 +15,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from trainers.config import ConfigFieldError
+from trainers.recipes.nlpo import replay_masks
 from trainers.rl_math import group_mean_baseline, ppo_policy_loss, reinforce_loss
 from trainers.rollout import (
     SamplingConfig,
     SequenceProcessor,
+    apply_chunk,
     draw,
     left_pad,
     positions,
     rollout,
     sampling_processors,
+    suppress_tokens,
+    temperature_processor,
     top_k_mask,
+    top_k_processor,
     top_p_mask,
+    top_p_processor,
 )
 from trainers.teacher_forced import TokenScorer, score_tokens
 
@@ -454,3 +460,50 @@ def test_inputs_are_checked(lm) -> None:
         score_tokens(model, ids, right_padded, ids, right_padded)
     with pytest.raises(ValueError, match="generators"):
         sample(model, tok, *prompt_batch(tok), EOS_ENDING, seeds=(0,))
+
+
+def test_top_p_mask_ties_and_wide_nuclei_against_a_sort() -> None:
+    # ties with the crossing logit are all kept
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    assert top_p_mask(logits, 0.5).tolist() == [[True, True, True, True]]
+    assert top_p_mask(logits, 0.3).tolist() == [[True, False, False, False]]
+    # flat rows whose nucleus is wider than the first topk, and peaked ones, in one batch (…, V) shape
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5000, generator=gen) * torch.tensor([0.1, 1.0, 8.0])[None, :, None]
+    for p, keep in ((0.9, 1), (0.5, 100), (0.99, 7)):
+        got = top_p_mask(logits, p, keep)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        kept = (probs.cumsum(-1) - probs) < p
+        kept[..., :keep] = True
+        want = torch.zeros_like(kept).scatter(-1, order, kept)
+        assert torch.equal(got, want)
+        assert int(got[0, 0].sum()) > 1024  # the flat row needed a second, wider topk
+
+
+def test_chunked_processors_equal_step_by_step() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 40, generator=gen)
+    masks = torch.rand(3, 9, 40, generator=gen) > 0.3
+    chunked = [suppress_tokens([0, 7], before_step=4), temperature_processor(0.7), top_k_processor(20),
+               top_p_processor(0.8), replay_masks(masks)]  # fmt: skip
+    for first in (0, 2, 4):
+        want = torch.stack(
+            [apply_chunk(chunked, first + i, logits[:, i : i + 1])[:, 0] for i in range(5)], dim=1
+        )
+        stepwise = torch.stack([_apply_steps(chunked, first + i, logits[:, i]) for i in range(5)], dim=1)
+        assert torch.equal(apply_chunk(chunked, first, logits), stepwise)
+        assert torch.equal(want, stepwise)
+    # a plain callable in the chain falls back to the step loop, with the same result
+    plain = [*chunked, lambda step, row: row + step]
+    stepwise = torch.stack([_apply_steps(plain, 2 + i, logits[:, i]) for i in range(5)], dim=1)
+    assert torch.equal(apply_chunk(plain, 2, logits), stepwise)
+    # the EOS ban reaches steps < before_step only
+    banned = suppress_tokens([0], before_step=3).chunk(1, logits)
+    assert torch.isinf(banned[:, :2, 0]).all() and torch.isfinite(banned[:, 2:, 0]).all()
+
+
+def _apply_steps(processors, step, row):
+    for process in processors:
+        row = process(step, row)
+    return row

@@ -45,7 +45,7 @@ from trainers.config import bounded, run_recipe_cli
 from trainers.ppo_config import PPOConfig
 from trainers.recipe_common import TrainResult
 from trainers.recipes import ppo
-from trainers.rollout import LogitsProcessor, positions, top_p_mask
+from trainers.rollout import ChunkProcessor, LogitsProcessor, positions, top_p_mask
 
 RECIPE = "nlpo"
 CHECKPOINT_KIND = ppo.CHECKPOINT_KIND
@@ -83,13 +83,15 @@ def action_mask(
     return allowed
 
 
-def replay_masks(masks: torch.Tensor) -> LogitsProcessor:
-    """The stage-2 processor for rows whose (b, T, V) masks were recorded: logits outside M → −∞."""
+def replay_masks(masks: torch.Tensor) -> ChunkProcessor:
+    """The stage-2 processor for rows whose (b, T, V) masks were recorded: logits outside M → −∞
+    (a whole chunk of steps in one ``masked_fill``)."""
 
-    def process(step: int, logits: torch.Tensor) -> torch.Tensor:
-        return logits.masked_fill(~masks[:, step].to(logits.device), float("-inf"))
+    def process(first_step: int, logits: torch.Tensor) -> torch.Tensor:
+        steps = masks[:, first_step : first_step + logits.shape[-2]].to(logits.device)
+        return logits.masked_fill(~steps, float("-inf"))
 
-    return process
+    return ChunkProcessor(process)
 
 
 class MaskProcessor:
