@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ class ActorCritic(nn.Module):
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
         processors: Sequence[LogitsProcessor] = (),
-        with_entropy: bool = False,
+        with_entropy: bool | Literal["detached"] = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Teacher-forced scores of the responses.
 

@@ -37,7 +37,9 @@ def minibatch_loss(
     """PPO loss of one micro-batch: clipped surrogate + vf·value loss − ent·entropy, and its detached stats."""
     cfg = run.cfg
     scored = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.mask)
-    logprobs, entropy, values = run.actor(*scored, run.stage2_processors(mb.action_masks), True)
+    # the entropy needs a graph only when it is in the loss; else it is logged from a detached pass
+    with_entropy = True if cfg.ent_coef > 0 else "detached"
+    logprobs, entropy, values = run.actor(*scored, run.stage2_processors(mb.action_masks), with_entropy)
     if run.critic is not None:
         values = run.critic(*scored)
     pg, p_stats = ppo_policy_loss(

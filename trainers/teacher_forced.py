@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +54,14 @@ def chunk_scores(
     first_step: int,
     head: Callable[[torch.Tensor], torch.Tensor],
     processors: Sequence[LogitsProcessor],
-    with_entropy: bool,
+    with_entropy: bool | Literal["detached"],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (and entropies) of one chunk of steps: (B, c, H) or (B, c, V), (B, c) → (B, c), (B, c).
 
     ``states`` become float32 logits through ``head`` (the LM head, or identity for logits); step j
     of the chunk is response step ``first_step + j`` for the processors. Entropy is −Σ p log p over
-    the tokens the processors left finite (0 everywhere when ``with_entropy`` is False).
+    the tokens the processors left finite (0 everywhere when ``with_entropy`` is False; without a
+    graph when it is ``"detached"``, for logging only).
     """
     logits = head(states).float()
     if processors:
@@ -69,10 +70,18 @@ def chunk_scores(
     picked = logp.gather(-1, targets[..., None]).squeeze(-1)
     if not with_entropy:
         return picked, torch.zeros_like(picked)
-    finite = torch.isfinite(logp)
-    safe = torch.where(finite, logp, 0.0)
-    entropy = -(safe.exp() * safe).sum(-1)
-    return picked, entropy
+    if with_entropy == "detached":
+        # No graph: nothing is saved for backward, so a checkpointed chunk's recompute (which stops
+        # once the saved tensors are rebuilt) never redoes these (B, c, V) ops, and backward skips them.
+        with torch.no_grad():
+            return picked, entropy_of(logp)
+    return picked, entropy_of(logp)
+
+
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """(…, V) log-probs, −inf on banned tokens → (…) entropy −Σ p log p over the finite ones (0·−inf
+    counts 0, and so does its gradient)."""
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
 def score_tokens(
@@ -83,7 +92,7 @@ def score_tokens(
     response_mask: torch.Tensor,
     *,
     processors: Sequence[LogitsProcessor] = (),
-    with_entropy: bool = False,
+    with_entropy: bool | Literal["detached"] = False,
     chunk_steps: int = 16,
     direct: bool | None = None,
 ) -> TokenScores:
@@ -97,7 +106,8 @@ def score_tokens(
         response_mask: (B, T) bool/0-1, True on the tokens to score.
         processors: ``(step, logits) → logits`` applied per response step (pure; see
             :data:`trainers.rollout.LogitsProcessor`).
-        with_entropy: also return per-step entropies.
+        with_entropy: also return per-step entropies (``"detached"``: without a graph, for logging:
+            much cheaper in training, where it skips the entropy's backward and recompute).
         chunk_steps: response steps per chunk of float32 logits.
         direct: None decides by :func:`trainers.logprobs.direct_head`; False forces the model's
             own forward (full logits).
@@ -170,7 +180,7 @@ class TokenScorer(nn.Module):
         response_ids: torch.Tensor,
         response_mask: torch.Tensor,
         processors: Sequence[LogitsProcessor] = (),
-        with_entropy: bool = False,
+        with_entropy: bool | Literal["detached"] = False,
     ) -> TokenScores:
         """See :func:`score_tokens`."""
         return score_tokens(

@@ -342,6 +342,37 @@ class LargestLogits(TorchDispatchMode):
         return out
 
 
+def test_detached_entropy_has_the_same_values_and_no_graph_or_recompute(lm) -> None:
+    model, tok = lm
+    ids, mask = prompt_batch(tok)
+    r = sample(model, tok, ids, mask, EOS_ENDING, [boost(tok.eos_token_id, 3.0)], seeds=(3, 4, 5))
+    chain = sampling_processors(SamplingConfig(temperature=0.9, top_p=0.95), [])  # -inf logits in play
+    inputs = (ids, mask, r.response_ids, r.response_mask)
+    model.zero_grad()
+    full = score_tokens(model, *inputs, processors=chain, with_entropy=True, chunk_steps=4)
+    full.logprobs.sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ops: list[str] = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    detached = score_tokens(model, *inputs, processors=chain, with_entropy="detached", chunk_steps=4)
+    assert not detached.entropy.requires_grad and detached.logprobs.requires_grad
+    assert torch.allclose(detached.entropy, full.entropy, atol=1e-6) and bool(
+        detached.entropy.isfinite().all()
+    )
+    with Count():
+        detached.logprobs.sum().backward()
+    for a, b in zip((p.grad for p in model.parameters()), want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    # the checkpointed chunks' recompute stops at the gather: no exp/nan_to_num of the entropy in backward
+    assert not any("nan_to_num" in op for op in ops)
+
+
 def logits_memory(
     model, vocab: int, *inputs: torch.Tensor, chunk_steps: int
 ) -> tuple[int, int, torch.Tensor]:

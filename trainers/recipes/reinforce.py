@@ -269,7 +269,7 @@ def loss_and_stats(
         processors = row_processors(cfg, temperatures) + sampling_processors(cfg.sampling, run.eos_ids)
     with run.accelerator.autocast():
         scores = run.model(exp.prompt_ids[idx], exp.prompt_mask[idx], exp.response_ids[idx, :width], mask,
-                           processors, with_entropy=True)  # fmt: skip
+                           processors, with_entropy="detached")  # fmt: skip
     logprobs = scores.logprobs.float()
     run.compute.train(int(exp.prompt_mask[idx].sum()), int(mask.sum()))
     stats = {"entropy": masked_mean(scores.entropy.detach().float(), mask)}
