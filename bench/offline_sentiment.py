@@ -253,7 +253,8 @@ def ppo_flops(rows: list[dict[str, Any]]) -> dict[int, float]:
     found = {r["seed"]: float(r["compute"]["total_flops"]) for r in rows if r["method"] == "ppo"}
     if not found:
         for r in load_rows(RESULTS / "rl_sentiment.jsonl"):
-            total = (r.get("compute") or {}).get("total_flops")
+            ledger = r.get("compute") or {}  # rl_sentiment keeps the metric names: "compute/total_flops"
+            total = ledger.get("total_flops") or ledger.get("compute/total_flops")
             if r.get("algo") == "ppo" and total:
                 found[r["seed"]] = float(total)
     return found

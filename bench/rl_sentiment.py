@@ -31,14 +31,14 @@ ROWS = RESULTS / "rl_sentiment.jsonl"
 # samples a group of 4 per prompt (leave-one-out baseline) with ESRL's two-stage sampling and the
 # "eliminate" dynamic sampling, its KL held by an adaptive β towards a per-sequence target.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "ppo": {"critic": "shared", "ppo_epochs": 2, "iterations": 20},
-    "nlpo": {"critic": "shared", "ppo_epochs": 2, "iterations": 20},
+    "ppo": {"critic": "shared", "ppo_epochs": 2, "iterations": 20, "optim": {"lr": 3e-5}},
+    "nlpo": {"critic": "shared", "ppo_epochs": 2, "iterations": 20, "optim": {"lr": 3e-5}},
     "reinforce": {
         "group_size": 4,
         "batch_size": 8,
         "max_steps": 30,
         "optim": {"lr": 5e-5},
-        "kl": {"beta": 0.05, "target": 1.5},
+        "kl": {"beta": 0.05, "target": 1.5, "gain": 1.0},
         "dynamic": {"mode": "eliminate"},
     },
 }
@@ -118,11 +118,22 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def kl_target(algo: str, settings: dict[str, Any]) -> tuple[str, float | None]:
+    """(unit, target) of the run's KL controller: per token for PPO/NLPO (recipe default 0.1), per
+    sequence for REINFORCE."""
+    kl = settings.get("kl", {})
+    if algo == "reinforce":
+        return "seq", kl.get("target")
+    return "token", kl.get("target", 0.1)
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± sd over seeds per algorithm, with the starting policy's held-out figures."""
+    """Mean ± sd over seeds per algorithm, with the starting policy's held-out figures. Only rows run
+    with the current SETTINGS count (older rows stay in the file, reported as ``stale_rows``)."""
     table: dict[str, Any] = {}
     for algo in ("ppo", "nlpo", "reinforce"):
-        mine = [r for r in rows if r["algo"] == algo]
+        mine = [r for r in rows if r["algo"] == algo and r["settings"] == SETTINGS[algo]]
+        stale = sum(1 for r in rows if r["algo"] == algo and r["settings"] != SETTINGS[algo])
         if not mine:
             continue
         entry: dict[str, Any] = {"seeds": sorted(r["seed"] for r in mine), "settings": mine[0]["settings"]}
@@ -142,6 +153,15 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["train_kl_per_token_last5"] = _mean_sd(kl_tok)
         if kl_seq:
             entry["train_kl_seq_last5"] = _mean_sd(kl_seq)
+        entry["kl_unit"], entry["kl_target"] = kl_target(algo, mine[0]["settings"])
+        flops = [
+            r["compute"]["compute/total_flops"] / 1e12
+            for r in mine
+            if "compute/total_flops" in (r.get("compute") or {})
+        ]
+        if flops:
+            entry["tflops"] = _mean_sd(flops)
+        entry["stale_rows"] = stale
         table[algo] = entry
     return table
 
@@ -159,15 +179,24 @@ def markdown(table: dict[str, Any]) -> str:
         "Held-out prompts, mean ± sd over seeds. Reward: VADER compound of the continuation in [−1, 1].",
         "KL: to the frozen reference, summed over the response (nats). Produced by `python -m bench.rl_sentiment`.",
         "",
-        "| algorithm | seeds | steps | minutes/run | reward start → end | KL end | perplexity end | distinct-2 end |",
-        "|---|---|---|---|---|---|---|---|",
+        "Training KL: the controller's measure over the last 5 iterations (per token for PPO/NLPO, per",
+        "sequence for REINFORCE) next to its target. TFLOP: the run's compute ledger (trainers/compute.py).",
+        "",
+        "| algorithm | seeds | steps | minutes/run | reward start → end | KL end | training KL (target) | perplexity end | distinct-2 end | TFLOP |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for algo, e in table.items():
+        measured = e.get("train_kl_per_token_last5" if e["kl_unit"] == "token" else "train_kl_seq_last5")
+        target = "–" if e["kl_target"] is None else f"{e['kl_target']:g}"
         lines.append(
             f"| {algo} | {len(e['seeds'])} | {e['steps']} | {_fmt(e['minutes'], 1)} | "
             f"{_fmt(e.get('start_reward'))} → **{_fmt(e.get('end_reward'))}** | {_fmt(e.get('end_kl'), 2)} | "
-            f"{_fmt(e.get('end_perplexity'), 1)} | {_fmt(e.get('end_distinct_2'))} |"
+            f"{_fmt(measured)} /{e['kl_unit']} ({target}) | {_fmt(e.get('end_perplexity'), 1)} | "
+            f"{_fmt(e.get('end_distinct_2'))} | {_fmt(e.get('tflops'), 1)} |"
         )
+    stale = {a: e["stale_rows"] for a, e in table.items() if e.get("stale_rows")}
+    if stale:
+        lines += ["", f"Rows with earlier settings, kept in the rows file but not in this table: {stale}."]
     lines += ["", "Settings (everything else at the recipe defaults):", ""]
     for algo, e in table.items():
         lines.append(f"- {algo}: `{json.dumps(e['settings'], sort_keys=True)}`")
