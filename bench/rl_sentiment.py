@@ -131,9 +131,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± sd over seeds per algorithm, with the starting policy's held-out figures. Only rows run
     with the current SETTINGS count (older rows stay in the file, reported as ``stale_rows``)."""
     table: dict[str, Any] = {}
+    stale = {a: sum(1 for r in rows if r["algo"] == a and r["settings"] != SETTINGS[a]) for a in SETTINGS}
+    if any(stale.values()):
+        table["stale_rows"] = {a: n for a, n in stale.items() if n}
     for algo in ("ppo", "nlpo", "reinforce"):
         mine = [r for r in rows if r["algo"] == algo and r["settings"] == SETTINGS[algo]]
-        stale = sum(1 for r in rows if r["algo"] == algo and r["settings"] != SETTINGS[algo])
         if not mine:
             continue
         entry: dict[str, Any] = {"seeds": sorted(r["seed"] for r in mine), "settings": mine[0]["settings"]}
@@ -161,7 +163,6 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ]
         if flops:
             entry["tflops"] = _mean_sd(flops)
-        entry["stale_rows"] = stale
         table[algo] = entry
     return table
 
@@ -185,7 +186,8 @@ def markdown(table: dict[str, Any]) -> str:
         "| algorithm | seeds | steps | minutes/run | reward start → end | KL end | training KL (target) | perplexity end | distinct-2 end | TFLOP |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for algo, e in table.items():
+    algos = {a: e for a, e in table.items() if a != "stale_rows"}
+    for algo, e in algos.items():
         measured = e.get("train_kl_per_token_last5" if e["kl_unit"] == "token" else "train_kl_seq_last5")
         target = "–" if e["kl_target"] is None else f"{e['kl_target']:g}"
         lines.append(
@@ -194,11 +196,13 @@ def markdown(table: dict[str, Any]) -> str:
             f"{_fmt(measured)} /{e['kl_unit']} ({target}) | {_fmt(e.get('end_perplexity'), 1)} | "
             f"{_fmt(e.get('end_distinct_2'))} | {_fmt(e.get('tflops'), 1)} |"
         )
-    stale = {a: e["stale_rows"] for a, e in table.items() if e.get("stale_rows")}
-    if stale:
-        lines += ["", f"Rows with earlier settings, kept in the rows file but not in this table: {stale}."]
+    if table.get("stale_rows"):
+        lines += [
+            "",
+            f"Rows with earlier settings, kept in the rows file but not in this table: {table['stale_rows']}.",
+        ]
     lines += ["", "Settings (everything else at the recipe defaults):", ""]
-    for algo, e in table.items():
+    for algo, e in algos.items():
         lines.append(f"- {algo}: `{json.dumps(e['settings'], sort_keys=True)}`")
     return "\n".join(lines) + "\n"
 

@@ -32,22 +32,41 @@ if TYPE_CHECKING:
 
 
 def minibatch_loss(
-    run: Run, mb: Experience, advantages: torch.Tensor
+    run: Run, mb: Experience, advantages: torch.Tensor, *, backward_scale: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO loss of one micro-batch: clipped surrogate + vf·value loss − ent·entropy, and its detached stats."""
+    """PPO loss of one micro-batch: clipped surrogate + vf·value loss − ent·entropy, and its detached stats.
+
+    With ``backward_scale`` the loss × scale is also back-propagated here (and returned detached). A
+    separate critic then goes first and alone: its value loss is back-propagated before the policy's
+    forward, so the critic's graph is freed and the two models' activations are never held together
+    (peak memory: the larger of the two graphs, not their sum). The gradients are those of the summed
+    loss: the two models share no parameter.
+    """
     cfg = run.cfg
     scored = (mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.mask)
+    separate = run.critic is not None
+    if separate:
+        vl, v_stats = value_loss(run.critic(*scored), mb.old_values, mb.returns, mb.mask, cfg.value_clip,
+                                 cfg.loss_reduction)  # fmt: skip
+        if backward_scale is not None:
+            run.accelerator.backward(cfg.vf_coef * vl * backward_scale)
+            vl = vl.detach()
     # the entropy needs a graph only when it is in the loss; else it is logged from a detached pass
     with_entropy = True if cfg.ent_coef > 0 else "detached"
     logprobs, entropy, values = run.actor(*scored, run.stage2_processors(mb.action_masks), with_entropy)
-    if run.critic is not None:
-        values = run.critic(*scored)
     pg, p_stats = ppo_policy_loss(
         logprobs, mb.old_logprobs, advantages, mb.mask, cfg.clip_eps, cfg.loss_reduction
     )
-    vl, v_stats = value_loss(values, mb.old_values, mb.returns, mb.mask, cfg.value_clip, cfg.loss_reduction)
+    if not separate:
+        vl, v_stats = value_loss(
+            values, mb.old_values, mb.returns, mb.mask, cfg.value_clip, cfg.loss_reduction
+        )
     ent, e_stats = entropy_bonus(entropy, mb.mask, cfg.loss_reduction)
-    loss = pg + cfg.vf_coef * vl + cfg.ent_coef * ent
+    policy_part = pg + cfg.ent_coef * ent
+    loss = policy_part + cfg.vf_coef * vl
+    if backward_scale is not None:
+        run.accelerator.backward((policy_part if separate else loss) * backward_scale)
+        loss = loss.detach()
     stats = {"loss": loss.detach(), "policy_loss": pg.detach(), "value_loss": vl.detach(), **e_stats,
              "clip_fraction": p_stats["clip_fraction"], "approx_kl": p_stats["approx_kl"],
              "ratio_mean": p_stats["ratio_mean"], "ratio_max": p_stats["ratio_max"], "value_clip_fraction": v_stats["clip_fraction"],
@@ -90,8 +109,8 @@ def update(run: Run, exp: Experience, step: int) -> dict[str, float]:
                     if k < accum - 1:
                         for model in models:
                             stack.enter_context(accelerator.no_sync(model))
-                    loss, micro_stats = minibatch_loss(run, mb, advantages[part][:, : mb.mask.shape[1]])
-                    accelerator.backward(loss * weight)
+                    _, micro_stats = minibatch_loss(run, mb, advantages[part][:, : mb.mask.shape[1]],
+                                                    backward_scale=weight)  # fmt: skip
                 run.compute.train(int(mb.prompt_mask.sum()), int(mb.mask.sum()))
                 if critic_n is not None:  # the separate critic's own forward and backward
                     run.compute.forward(int(mb.prompt_mask.sum() + mb.mask.sum()), critic_n)

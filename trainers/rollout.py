@@ -237,9 +237,10 @@ def top_p_mask(logits: torch.Tensor, p: float, min_tokens_to_keep: int = 1) -> t
     the mask does not depend on how a sort orders equal logits, which bf16-trained models produce
     often. p ≥ 1 keeps everything (no rounding-error cut, §1.12).
 
-    A nucleus is a few hundred of tens of thousands of tokens, so the threshold logit comes from a
-    ``topk`` of 128 (then 1 024, …) instead of a sort over V: ~10× cheaper at V = 49 152, which is
-    most of NLPO's per-step masking cost.
+    A trained model's nucleus is a few hundred of tens of thousands of tokens, so the threshold logit
+    comes from a ``topk`` of 128 (~10× cheaper than a sort at V = 49 152, most of NLPO's per-step
+    masking cost); rows whose nucleus is wider (near-flat distributions, e.g. a random-init model)
+    fall back to one full sort.
     """
     if p >= 1:
         return torch.ones_like(logits, dtype=torch.bool)
@@ -251,13 +252,18 @@ def top_p_mask(logits: torch.Tensor, p: float, min_tokens_to_keep: int = 1) -> t
     todo = torch.arange(flat.shape[0], device=flat.device)
     k = min(vocab, max(128, min_tokens_to_keep))
     while todo.numel():
-        ranked = torch.topk(flat[todo], k, dim=-1).values  # (n, k) descending
+        rows = flat[todo]
+        ranked = (  # (n, k) descending; sort is cheaper than a topk of all V
+            torch.topk(rows, k, dim=-1).values
+            if k < vocab
+            else torch.sort(rows, dim=-1, descending=True).values
+        )
         probs = torch.exp(ranked - top[todo]) / total[todo]
         n_keep = ((probs.cumsum(-1) - probs) < p).sum(-1).clamp(min=min(min_tokens_to_keep, k))
         done = (n_keep < k) | (k == vocab)  # the crossing token is inside the k ranked ones
         threshold[todo[done]] = ranked[done].gather(-1, (n_keep[done] - 1)[:, None])
         todo = todo[~done]
-        k = min(vocab, k * 8)
+        k = vocab
     return (flat >= threshold).reshape(logits.shape)
 
 

@@ -22,7 +22,7 @@ def test_rl_table_keeps_current_settings_only_and_shows_kl_against_its_target() 
         rl_row("reinforce", 0, rf, 0.2, 0.5, train_kl_seq_last5=1.4),
     ]
     table = rl_sentiment.summarise(rows)
-    assert table["ppo"]["seeds"] == [0, 1] and table["ppo"]["stale_rows"] == 1
+    assert table["ppo"]["seeds"] == [0, 1] and table["stale_rows"] == {"ppo": 1}
     assert table["ppo"]["end_reward"] == pytest.approx((0.5, 0.1414), abs=1e-4)
     assert table["ppo"]["tflops"] == pytest.approx((3.0, 1.4142), abs=1e-4)
     assert (table["ppo"]["kl_unit"], table["ppo"]["kl_target"]) == ("token", 0.1)  # the recipe default

@@ -257,3 +257,22 @@ def test_config_defaults_are_the_documented_rl4lms_settings():
     assert (cfg.clip_eps, cfg.vf_coef, cfg.ent_coef, cfg.gamma, cfg.lam) == (0.2, 0.5, 0.0, 0.99, 0.95)
     assert (cfg.kl.beta, cfg.kl.target, cfg.kl.estimator) == (0.1, 0.1, "k1")
     assert cfg.sampling.temperature == 1 and cfg.sampling.top_k == 0  # π_old = the plain softmax by default
+
+
+def test_separate_critic_backward_in_two_passes_gives_the_summed_loss_gradients(tmp_path, tiny_model, toy):
+    # the critic's value loss is back-propagated before the policy's forward (its graph freed first)
+    run = ppo.setup(toy_config(tmp_path / "run", tiny_model, critic="separate", ent_coef=0.01))
+    exp = shaped(run, ppo.collect(run, 0))
+    mb = minibatch(exp, torch.arange(run.cfg.minibatch_size))
+    params = [*run.policy().parameters(), *run.critic_module().parameters()]
+    loss, _ = ppo.minibatch_loss(run, mb, mb.advantages)
+    (loss * 0.5).backward()
+    want = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    detached, stats = ppo.minibatch_loss(run, mb, mb.advantages, backward_scale=0.5)
+    assert not detached.requires_grad and float(detached) == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert float(stats["value_loss"]) > 0
+    for p, g in zip(params, want, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-7, rtol=1e-5)
+    run.metrics.close()
