@@ -45,6 +45,7 @@ class Experience:
         kl: (B, T) per-token KL estimate of the reward's estimator.
         advantages: (B, T) (whitened over the batch when asked).
         returns: (B, T) value targets.
+        entropy: (B, T) entropy of the sampling distribution at each step (stage 1), or None.
     """
 
     prompt_ids: torch.Tensor
@@ -63,6 +64,7 @@ class Experience:
     kl: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:

@@ -51,8 +51,11 @@ def minibatch_loss(
         if backward_scale is not None:
             run.accelerator.backward(cfg.vf_coef * vl * backward_scale)
             vl = vl.detach()
-    # the entropy needs a graph only when it is in the loss; else it is logged from a detached pass
-    with_entropy = True if cfg.ent_coef > 0 else "detached"
+    # The entropy needs a graph only when it is in the loss. Otherwise the logged entropy is the
+    # sampling distribution's, recorded in stage 1 (one (B, V) pass per step instead of (B, T, V) ops in
+    # every epoch), or from a detached pass when the experience has none.
+    logged = cfg.ent_coef == 0 and mb.entropy is not None
+    with_entropy = False if logged else True if cfg.ent_coef > 0 else "detached"
     logprobs, entropy, values = run.actor(*scored, run.stage2_processors(mb.action_masks), with_entropy)
     pg, p_stats = ppo_policy_loss(
         logprobs, mb.old_logprobs, advantages, mb.mask, cfg.clip_eps, cfg.loss_reduction
@@ -61,7 +64,7 @@ def minibatch_loss(
         vl, v_stats = value_loss(
             values, mb.old_values, mb.returns, mb.mask, cfg.value_clip, cfg.loss_reduction
         )
-    ent, e_stats = entropy_bonus(entropy, mb.mask, cfg.loss_reduction)
+    ent, e_stats = entropy_bonus(mb.entropy if logged else entropy, mb.mask, cfg.loss_reduction)
     policy_part = pg + cfg.ent_coef * ent
     loss = policy_part + cfg.vf_coef * vl
     if backward_scale is not None:

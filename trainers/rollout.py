@@ -145,6 +145,8 @@ class Rollout:
         raw_logprobs: (B, T) float32 log-prob under the unprocessed model; 0 where masked. None
             unless requested.
         eos: (B,) bool, the row ended with an EOS.
+        entropy: (B, T) float32 entropy of the distribution each token was drawn from (after all
+            processors); 0 where masked. None unless requested.
     """
 
     prompt_ids: torch.Tensor
@@ -154,6 +156,7 @@ class Rollout:
     logprobs: torch.Tensor | None
     raw_logprobs: torch.Tensor | None
     eos: torch.Tensor
+    entropy: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -300,6 +303,12 @@ def sampling_processors(config: SamplingConfig, eos_token_ids: Sequence[int]) ->
 # ----------------------------------------------------------------------------- sampling
 
 
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """(…, V) log-probs, −inf on banned tokens → (…) entropy −Σ p log p over the finite ones (0·−inf
+    counts 0, and so does its gradient)."""
+    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+
+
 def gumbel_noise(
     shape: tuple[int, int],
     device: torch.device,
@@ -356,6 +365,7 @@ def rollout(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     return_logprobs: bool = True,
     return_raw_logprobs: bool = False,
+    return_entropy: bool = False,
 ) -> Rollout:
     """Sample one response per row of a left-padded prompt batch (see the module doc for the order of steps).
 
@@ -372,6 +382,8 @@ def rollout(
         generator: one generator, or one per row (batch-invariant sampling); None = global RNG.
         return_logprobs: fill :attr:`Rollout.logprobs`.
         return_raw_logprobs: fill :attr:`Rollout.raw_logprobs`.
+        return_entropy: fill :attr:`Rollout.entropy` (one (B, V) pass per step: far cheaper than an
+            entropy in every stage-2 pass of an update, when it is only logged).
     """
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(
@@ -397,7 +409,7 @@ def rollout(
     )
     next_position = attention.sum(-1, keepdim=True)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, alive_steps, step_logps, step_raw = [], [], [], []
+    tokens, alive_steps, step_logps, step_raw, step_entropy = [], [], [], [], []
     for step in range(config.max_new_tokens):
         raw = out.logits[:, -1].float()
         logprobs = torch.log_softmax(_apply(chain, step, raw), dim=-1)
@@ -411,6 +423,8 @@ def rollout(
         if return_raw_logprobs:
             raw_logps = torch.log_softmax(raw, dim=-1).gather(-1, token[:, None]).squeeze(-1)
             step_raw.append(torch.where(alive, raw_logps, 0.0))
+        if return_entropy:
+            step_entropy.append(torch.where(alive, entropy_of(logprobs), 0.0))
         for p in followers:
             p.advance(step, token)
         if config.stop_at_eos:
@@ -437,4 +451,5 @@ def rollout(
         logprobs=torch.stack(step_logps, dim=1) if return_logprobs else None,
         raw_logprobs=torch.stack(step_raw, dim=1) if return_raw_logprobs else None,
         eos=finished,
+        entropy=torch.stack(step_entropy, dim=1) if return_entropy else None,
     )

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainers.logprobs import direct_head
-from trainers.rollout import LogitsProcessor, apply_chunk, positions
+from trainers.rollout import LogitsProcessor, apply_chunk, entropy_of, positions
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,6 @@ def chunk_scores(
         with torch.no_grad():
             return picked, entropy_of(logp)
     return picked, entropy_of(logp)
-
-
-def entropy_of(logp: torch.Tensor) -> torch.Tensor:
-    """(…, V) log-probs, −inf on banned tokens → (…) entropy −Σ p log p over the finite ones (0·−inf
-    counts 0, and so does its gradient)."""
-    return -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
 
 
 def score_tokens(

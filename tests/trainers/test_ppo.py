@@ -56,8 +56,10 @@ def test_first_minibatch_has_ratio_one_values_reproduced_and_the_reference_stays
     exp = shaped(run, ppo.collect(run, 0))
     # π_old is the distribution actually sampled: the teacher-forced processed log-probs, not the raw ones
     tf = score_tokens(run.policy(), exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.mask,
-                      processors=run.stage2_processors(None)).logprobs  # fmt: skip
-    assert torch.allclose(tf, exp.old_logprobs, atol=1e-5)
+                      processors=run.stage2_processors(None), with_entropy=True)  # fmt: skip
+    assert torch.allclose(tf.logprobs, exp.old_logprobs, atol=1e-5)
+    # the logged entropy is stage 1's, of the same sampling distribution
+    assert torch.allclose(tf.entropy, exp.entropy, atol=1e-5) and float(exp.entropy[exp.mask].min()) > 0
     assert (exp.old_logprobs - exp.raw_logprobs).abs().max() > 0.05
     # §1.14.4: before any update the policy is the reference: the KL part of the reward vanishes
     assert (exp.raw_logprobs - exp.ref_logprobs).abs().max() < 1e-5

@@ -350,7 +350,7 @@ def collect(run: Run, step: int) -> Experience:
             batch = rollout(policy, ids, mask, cfg.sampling, eos_token_ids=run.stop_ids, pad_token_id=run.pad_id,
                             processors=[recorder] if recorder is not None else (),
                             generator=row_generators(cfg.seed, [g for g, _ in chunk]),
-                            return_logprobs=True, return_raw_logprobs=True)  # fmt: skip
+                            return_logprobs=True, return_raw_logprobs=True, return_entropy=True)  # fmt: skip
             scored = (ids, mask, batch.response_ids, batch.response_mask)
             ref = score_tokens(run.reference, *scored, chunk_steps=cfg.chunk_steps).logprobs
             if run.critic is not None:
@@ -370,7 +370,7 @@ def collect(run: Run, step: int) -> Experience:
             prompt_ids=ids, prompt_mask=mask, response_ids=batch.response_ids, mask=batch.response_mask,
             old_logprobs=batch.logprobs, raw_logprobs=batch.raw_logprobs, ref_logprobs=ref.float(),
             old_values=values.float(), task_rewards=task_rewards, scores=scores, eos=batch.eos,
-            action_masks=recorder.masks() if recorder is not None else None))  # fmt: skip
+            action_masks=recorder.masks() if recorder is not None else None, entropy=batch.entropy))  # fmt: skip
     policy.train()
     return cat_parts(parts, run.pad_id)
 
