@@ -58,8 +58,14 @@ class ChunkProcessor:
     of one per step and processor, which is most of NLPO's replay cost.
     """
 
-    def __init__(self, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        fn: Callable[[int, torch.Tensor], torch.Tensor],
+        in_place: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.fn = fn
+        self.in_place = in_place
+        """The same on a tensor the caller owns, edited in place (no (B, c, V) copy), or None."""
 
     def __call__(self, step: int, logits: torch.Tensor) -> torch.Tensor:
         return self.fn(step, logits.unsqueeze(-2)).squeeze(-2)
@@ -68,12 +74,24 @@ class ChunkProcessor:
         return self.fn(first_step, logits)
 
 
-def apply_chunk(processors: Sequence[LogitsProcessor], first_step: int, logits: torch.Tensor) -> torch.Tensor:
+def apply_chunk(
+    processors: Sequence[LogitsProcessor], first_step: int, logits: torch.Tensor, *, owned: bool = False
+) -> torch.Tensor:
     """(B, c, V) logits of steps ``first_step …`` through ``processors``: chunk-wise when every one is a
-    :class:`ChunkProcessor`, else step by step (same result)."""
+    :class:`ChunkProcessor`, else step by step (same result).
+
+    ``owned``: the caller's ``logits`` are a fresh tensor nobody else reads and autograd has not saved
+    (stage 2's LM-head output), so processors may edit it in place; so may those after any processor
+    that returned a new tensor.
+    """
     if all(isinstance(p, ChunkProcessor) for p in processors):
         for process in processors:
-            logits = process.chunk(first_step, logits)
+            if owned and process.in_place is not None:
+                logits = process.in_place(first_step, logits)
+            else:
+                new = process.chunk(first_step, logits)
+                owned = owned or new is not logits
+                logits = new
         return logits
     steps = []
     for j in range(logits.shape[1]):
@@ -214,14 +232,29 @@ def suppress_tokens(token_ids: Sequence[int], before_step: int | None = None) ->
         steps = torch.arange(first_step, first_step + logits.shape[-2], device=logits.device)
         return torch.where((steps < before_step)[:, None], filled, logits)
 
-    return ChunkProcessor(process)
+    def in_place(first_step: int, logits: torch.Tensor) -> torch.Tensor:
+        n = (
+            logits.shape[-2]
+            if before_step is None
+            else max(0, min(logits.shape[-2], before_step - first_step))
+        )
+        ids = torch.as_tensor(banned, device=logits.device)
+        if n == logits.shape[-2]:  # the whole tensor, not a view: a view's in-place backward copies 3×
+            return logits.index_fill_(-1, ids, float("-inf"))
+        if n:
+            logits[..., :n, :].index_fill_(-1, ids, float("-inf"))
+        return logits
+
+    return ChunkProcessor(process, in_place)
 
 
 def temperature_processor(temperature: float) -> ChunkProcessor:
     """Divide the logits by ``temperature`` > 0."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return ChunkProcessor(lambda step, logits: logits / temperature)
+    return ChunkProcessor(
+        lambda step, logits: logits / temperature, lambda step, logits: logits.div_(temperature)
+    )
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -272,12 +305,14 @@ def top_p_mask(logits: torch.Tensor, p: float, min_tokens_to_keep: int = 1) -> t
 
 def top_k_processor(k: int) -> ChunkProcessor:
     """Set every logit outside :func:`top_k_mask` to −inf."""
-    return ChunkProcessor(lambda step, logits: logits.masked_fill(~top_k_mask(logits, k), float("-inf")))
+    return ChunkProcessor(lambda step, logits: logits.masked_fill(~top_k_mask(logits, k), float("-inf")),
+                          lambda step, logits: logits.masked_fill_(~top_k_mask(logits, k), float("-inf")))  # fmt: skip
 
 
 def top_p_processor(p: float) -> ChunkProcessor:
     """Set every logit outside :func:`top_p_mask` to −inf."""
-    return ChunkProcessor(lambda step, logits: logits.masked_fill(~top_p_mask(logits, p), float("-inf")))
+    return ChunkProcessor(lambda step, logits: logits.masked_fill(~top_p_mask(logits, p), float("-inf")),
+                          lambda step, logits: logits.masked_fill_(~top_p_mask(logits, p), float("-inf")))  # fmt: skip
 
 
 def sampling_processors(config: SamplingConfig, eos_token_ids: Sequence[int]) -> list[LogitsProcessor]:

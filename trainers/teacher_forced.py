@@ -11,7 +11,10 @@ Memory: the (B, T, V) float32 logits tensor is never materialised. The trunk run
 positions; then, ``chunk_steps`` response steps at a time, the LM head turns (B, c, H) hidden
 states into (B, c, V) logits, the processors and the log-softmax run, and only the (B, c) picked
 log-probs (and entropies) leave the chunk. With grad, each chunk runs under activation
-checkpointing (recomputed in backward), so the saved logits are also one chunk's, not T's.
+checkpointing (recomputed in backward), so the saved logits are also one chunk's, not T's — unless
+the whole response's float32 logits fit in ``recompute_above`` bytes (64 MiB by default): then one
+chunk without recompute, as the second LM-head matmul and log-softmax per chunk cost more time
+(~10 % of a small PPO iteration on CPU) than those few MiB are worth.
 
 The direct head path is taken where ``logits == lm_head(last hidden state)`` holds
 (:func:`trainers.logprobs.direct_head`: Llama, Qwen2/3, Mistral, GPT-2 without logit scaling);
@@ -32,6 +35,10 @@ from torch.utils.checkpoint import checkpoint
 
 from trainers.logprobs import direct_head
 from trainers.rollout import LogitsProcessor, apply_chunk, entropy_of, positions
+
+RECOMPUTE_ABOVE_BYTES = 64 * 2**20
+"""Default of :func:`score_tokens`' ``recompute_above``: below it, training scores a response in one
+chunk without checkpointing."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,8 @@ def chunk_scores(
     graph when it is ``"detached"``, for logging only).
     """
     logits = head(states).float()
-    if processors:
-        logits = apply_chunk(processors, first_step, logits)
+    if processors:  # a fresh head output is ours to edit in place (no (B, c, V) copy per processor)
+        logits = apply_chunk(processors, first_step, logits, owned=logits is not states)
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, targets[..., None]).squeeze(-1)
     if not with_entropy:
@@ -89,6 +96,7 @@ def score_tokens(
     with_entropy: bool | Literal["detached"] = False,
     chunk_steps: int = 16,
     direct: bool | None = None,
+    recompute_above: int = RECOMPUTE_ABOVE_BYTES,
 ) -> TokenScores:
     """Teacher-forced per-token log-probs of ``response_ids`` after left-padded ``prompt_ids``.
 
@@ -105,6 +113,8 @@ def score_tokens(
         chunk_steps: response steps per chunk of float32 logits.
         direct: None decides by :func:`trainers.logprobs.direct_head`; False forces the model's
             own forward (full logits).
+        recompute_above: with grad, chunks are checkpointed only when the whole response's float32
+            logits would take more bytes than this (0: always, when there are several chunks).
 
     Returns:
         :class:`TokenScores` with (B, T) tensors, 0 where ``response_mask`` is False.
@@ -140,6 +150,12 @@ def score_tokens(
             return h
 
     recompute = torch.is_grad_enabled() and n_steps > chunk_steps
+    if (
+        recompute
+        and use_direct
+        and 4 * states.shape[0] * n_steps * lm_head.weight.shape[0] <= recompute_above
+    ):
+        chunk_steps, recompute = n_steps, False  # small enough: the whole response at once
     picked, entropies = [], []
     for start in range(0, n_steps, chunk_steps):
         part = (states[:, start : start + chunk_steps], response_ids[:, start : start + chunk_steps], start)

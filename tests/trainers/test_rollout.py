@@ -259,11 +259,14 @@ def test_chunked_scorer_equals_unchunked_and_the_full_softmax(lm) -> None:
     r = sample(model, tok, ids, mask, EOS_ENDING, [boost(tok.eos_token_id, 3.0)], seeds=(3, 4, 5))
     chain = sampling_processors(SamplingConfig(temperature=0.9, top_p=0.95), [])
     results = []
-    for chunk, direct in ((1, None), (4, None), (64, None), (3, False)):
+    # recompute_above=0: checkpointed chunks even for this small vocabulary; None: the default budget,
+    # under which this small response is scored in one chunk without recompute
+    for chunk, direct, budget in ((1, None, 0), (4, None, 0), (64, None, 0), (3, False, 0), (4, None, None)):
         model.zero_grad()
+        extra = {} if budget is None else {"recompute_above": budget}
         s = score_tokens(
             model, ids, mask, r.response_ids, r.response_mask, processors=chain, with_entropy=True,
-            chunk_steps=chunk, direct=direct,
+            chunk_steps=chunk, direct=direct, **extra,
         )  # fmt: skip
         (s.logprobs.sum() + s.entropy.sum()).backward()
         results.append(
@@ -349,7 +352,7 @@ def test_detached_entropy_has_the_same_values_and_no_graph_or_recompute(lm) -> N
     chain = sampling_processors(SamplingConfig(temperature=0.9, top_p=0.95), [])  # -inf logits in play
     inputs = (ids, mask, r.response_ids, r.response_mask)
     model.zero_grad()
-    full = score_tokens(model, *inputs, processors=chain, with_entropy=True, chunk_steps=4)
+    full = score_tokens(model, *inputs, processors=chain, with_entropy=True, chunk_steps=4, recompute_above=0)
     full.logprobs.sum().backward()
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -360,7 +363,8 @@ def test_detached_entropy_has_the_same_values_and_no_graph_or_recompute(lm) -> N
             ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    detached = score_tokens(model, *inputs, processors=chain, with_entropy="detached", chunk_steps=4)
+    detached = score_tokens(model, *inputs, processors=chain, with_entropy="detached", chunk_steps=4,
+                            recompute_above=0)  # fmt: skip
     assert not detached.entropy.requires_grad and detached.logprobs.requires_grad
     assert torch.allclose(detached.entropy, full.entropy, atol=1e-6) and bool(
         detached.entropy.isfinite().all()
@@ -374,7 +378,7 @@ def test_detached_entropy_has_the_same_values_and_no_graph_or_recompute(lm) -> N
 
 
 def logits_memory(
-    model, vocab: int, *inputs: torch.Tensor, chunk_steps: int
+    model, vocab: int, *inputs: torch.Tensor, chunk_steps: int, budget: int = 0
 ) -> tuple[int, int, torch.Tensor]:
     """Score with grad and backprop; return (largest logits-shaped allocation, bytes of logits-shaped
     tensors saved for backward, the head's weight gradient)."""
@@ -389,7 +393,9 @@ def logits_memory(
     model.zero_grad()
     with LargestLogits(vocab) as probe:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            s = score_tokens(model, *inputs, chunk_steps=chunk_steps, with_entropy=True)
+            s = score_tokens(
+                model, *inputs, chunk_steps=chunk_steps, with_entropy=True, recompute_above=budget
+            )
         (s.logprobs.sum() + s.entropy.sum()).backward()
     return probe.bytes, sum(saved.values()), model.lm_head.weight.grad.clone()
 
@@ -417,6 +423,11 @@ def test_chunked_scorer_never_holds_the_full_logits_for_a_large_vocabulary() -> 
     assert peak == batch * 4 * vocab * 4 and peak * 8 == full  # one chunk's logits at a time
     assert kept == 0  # chunks are recomputed in backward: no logits saved between the passes
     assert torch.allclose(grad, full_grad, rtol=1e-4, atol=1e-7)
+    # under the recompute budget (the default, 64 MiB) the response is one chunk, saved, not recomputed
+    _, small_kept, small_grad = logits_memory(model, vocab, *inputs, chunk_steps=4, budget=full)
+    assert small_kept >= full and torch.allclose(small_grad, full_grad, rtol=1e-4, atol=1e-7)
+    _, over_kept, _ = logits_memory(model, vocab, *inputs, chunk_steps=4, budget=full - 1)
+    assert over_kept == 0
 
 
 # ----------------------------------------------------------------------------- processors
@@ -524,6 +535,9 @@ def test_chunked_processors_equal_step_by_step() -> None:
         )
         stepwise = torch.stack([_apply_steps(chunked, first + i, logits[:, i]) for i in range(5)], dim=1)
         assert torch.equal(apply_chunk(chunked, first, logits), stepwise)
+        owned = logits.clone()
+        assert torch.equal(apply_chunk(chunked, first, owned, owned=True), stepwise)  # edited in place
+        assert not torch.equal(owned, logits)
         assert torch.equal(want, stepwise)
     # a plain callable in the chain falls back to the step loop, with the same result
     plain = [*chunked, lambda step, row: row + step]

@@ -87,11 +87,11 @@ def replay_masks(masks: torch.Tensor) -> ChunkProcessor:
     """The stage-2 processor for rows whose (b, T, V) masks were recorded: logits outside M → −∞
     (a whole chunk of steps in one ``masked_fill``)."""
 
-    def process(first_step: int, logits: torch.Tensor) -> torch.Tensor:
-        steps = masks[:, first_step : first_step + logits.shape[-2]].to(logits.device)
-        return logits.masked_fill(~steps, float("-inf"))
+    def banned(first_step: int, logits: torch.Tensor) -> torch.Tensor:
+        return ~masks[:, first_step : first_step + logits.shape[-2]].to(logits.device)
 
-    return ChunkProcessor(process)
+    return ChunkProcessor(lambda first, logits: logits.masked_fill(banned(first, logits), float("-inf")),
+                          lambda first, logits: logits.masked_fill_(banned(first, logits), float("-inf")))  # fmt: skip
 
 
 class MaskProcessor:
