@@ -28,7 +28,7 @@ def test_rl_table_keeps_current_settings_only_and_shows_kl_against_its_target() 
     assert (table["ppo"]["kl_unit"], table["ppo"]["kl_target"]) == ("token", 0.1)  # the recipe default
     assert (table["reinforce"]["kl_unit"], table["reinforce"]["kl_target"]) == ("seq", rf["kl"]["target"])
     md = rl_sentiment.markdown(table)
-    assert "0.100 ± 0.028 /token (0.1)" in md and "1.400 ± 0.000 /seq (1.5)" in md
+    assert "0.100 ± 0.028 /token (0.1)" in md and "1.400 ± 0.000 /seq (2.4)" in md
     assert "{'ppo': 1}" in md
 
 
