@@ -85,18 +85,21 @@ def run_one(algo: str, seed: int, workdir: Path) -> dict[str, Any]:
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
         "start": {k: start.get(f"eval/{k}") for k in EVAL_KEYS},
         "end": {k: end.get(f"eval/{k}") for k in EVAL_KEYS},
-        "train_kl_per_token_last5": statistics.fmean(r["train/kl"] for r in train[-5:] if "train/kl" in r)
-        if any("train/kl" in r for r in train[-5:])
-        else None,
-        "train_kl_seq_last5": statistics.fmean(r["train/kl_seq"] for r in train[-5:] if "train/kl_seq" in r)
-        if any("train/kl_seq" in r for r in train[-5:])
-        else None,
+        # PPO/NLPO log train/kl per token and train/kl_seq per sequence; REINFORCE's train/kl is per sequence
+        "train_kl_per_token_last5": None if algo == "reinforce" else _last5(train, "train/kl"),
+        "train_kl_seq_last5": _last5(train, "train/kl" if algo == "reinforce" else "train/kl_seq"),
         # The run's compute ledger (trainers/compute.py): tokens and FLOPs, for "fraction of PPO's compute".
         "compute": {k: v for k, v in train[-1].items() if k.startswith("compute/")} if train else {},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     shutil.rmtree(out, ignore_errors=True)  # the weights are not kept: the table is the result
     return row
+
+
+def _last5(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the last 5 training rows that have it (None if none do)."""
+    values = [r[key] for r in rows[-5:] if key in r]
+    return statistics.fmean(values) if values else None
 
 
 def _load_rows() -> list[dict[str, Any]]:
