@@ -223,15 +223,6 @@ def suppress_tokens(token_ids: Sequence[int], before_step: int | None = None) ->
     """Ban ``token_ids`` at steps < ``before_step`` (every step when None): EOS for min/fixed length."""
     banned = list(token_ids)
 
-    def process(first_step: int, logits: torch.Tensor) -> torch.Tensor:
-        if before_step is not None and first_step >= before_step:
-            return logits
-        filled = logits.index_fill(-1, torch.as_tensor(banned, device=logits.device), float("-inf"))
-        if before_step is None or first_step + logits.shape[-2] <= before_step:
-            return filled
-        steps = torch.arange(first_step, first_step + logits.shape[-2], device=logits.device)
-        return torch.where((steps < before_step)[:, None], filled, logits)
-
     def in_place(first_step: int, logits: torch.Tensor) -> torch.Tensor:
         n = (
             logits.shape[-2]
@@ -244,6 +235,11 @@ def suppress_tokens(token_ids: Sequence[int], before_step: int | None = None) ->
         if n:
             logits[..., :n, :].index_fill_(-1, ids, float("-inf"))
         return logits
+
+    def process(first_step: int, logits: torch.Tensor) -> torch.Tensor:
+        if before_step is not None and first_step >= before_step:
+            return logits  # nothing banned from here on: no copy
+        return in_place(first_step, logits.clone())
 
     return ChunkProcessor(process, in_place)
 
