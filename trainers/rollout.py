@@ -269,34 +269,67 @@ def top_p_mask(logits: torch.Tensor, p: float, min_tokens_to_keep: int = 1) -> t
     the mask does not depend on how a sort orders equal logits, which bf16-trained models produce
     often. p ≥ 1 keeps everything (no rounding-error cut, §1.12).
 
-    A trained model's nucleus is a few hundred of tens of thousands of tokens, so the threshold logit
-    comes from a ``topk`` of 128 (~10× cheaper than a sort at V = 49 152, most of NLPO's per-step
-    masking cost); rows whose nucleus is wider (near-flat distributions, e.g. a random-init model)
-    fall back to one full sort.
+    Only the threshold logit is needed, and a full sort of V = 49 152 logits costs ~20× a ``topk`` of
+    128. So (:func:`_nucleus_threshold`) rows are ranked from the top with k = 128, then 1 024, 8 192
+    (SmolLM2-135M-Instruct sampling review continuations at p 0.9: 58 % of rows need no more than
+    128 tokens, 94 % no more than 1 024); rows that are near-flat (a random-init model) are ranked from
+    the bottom instead, where their few excluded tokens are; what is still open gets one full sort.
     """
     if p >= 1:
         return torch.ones_like(logits, dtype=torch.bool)
     flat = logits.reshape(-1, logits.shape[-1]).float()
+    return (flat >= _nucleus_threshold(flat, p, min_tokens_to_keep)).reshape(logits.shape)
+
+
+NUCLEUS_TOP_K = (128, 1024, 8192)
+"""Widths of the successive ``topk`` passes of :func:`_nucleus_threshold` from the top."""
+FLAT_ROW_RATIO = 8.0
+"""A row whose top-128 tokens are on average < 8× as likely as a uniform draw is near-flat: its
+nucleus is most of the vocabulary, so it is ranked from the bottom."""
+
+
+def _nucleus_threshold(flat: torch.Tensor, p: float, min_tokens: int) -> torch.Tensor:
+    """(N, V) fp32 logits, 0 < p < 1 → (N, 1) the lowest kept logit of each row's nucleus (ties kept).
+
+    From the top, the ``k`` ranked probabilities give each token's preceding mass (cumsum − itself)
+    exactly as a full sort would, so the row is settled once the crossing token is among them. From
+    the bottom, a token is kept iff the mass of itself and everything ranked below it is > 1 − p (the
+    same condition; only the summation order differs, i.e. the last bits at the boundary).
+    """
     vocab = flat.shape[-1]
     top = flat.max(dim=-1, keepdim=True).values
-    total = torch.exp(flat - top).sum(-1, keepdim=True)  # softmax's own arithmetic: same boundary rounding
+    total = torch.exp(flat - top).sum(-1, keepdim=True)  # softmax's own arithmetic
     threshold = torch.empty(flat.shape[0], 1, dtype=flat.dtype, device=flat.device)
     todo = torch.arange(flat.shape[0], device=flat.device)
-    k = min(vocab, max(128, min_tokens_to_keep))
-    while todo.numel():
-        rows = flat[todo]
-        ranked = (  # (n, k) descending; sort is cheaper than a topk of all V
-            torch.topk(rows, k, dim=-1).values
-            if k < vocab
-            else torch.sort(rows, dim=-1, descending=True).values
-        )
+    bottom = todo[:0]
+    for k in (k for k in NUCLEUS_TOP_K if k < vocab):
+        k = max(k, min_tokens)
+        if not todo.numel() or k >= vocab:
+            break
+        ranked = torch.topk(flat[todo], k, dim=-1).values  # (n, k) descending
         probs = torch.exp(ranked - top[todo]) / total[todo]
-        n_keep = ((probs.cumsum(-1) - probs) < p).sum(-1).clamp(min=min(min_tokens_to_keep, k))
-        done = (n_keep < k) | (k == vocab)  # the crossing token is inside the k ranked ones
+        n_keep = ((probs.cumsum(-1) - probs) < p).sum(-1).clamp(min=min_tokens)
+        done = n_keep < k  # the crossing token is inside the k ranked ones
         threshold[todo[done]] = ranked[done].gather(-1, (n_keep[done] - 1)[:, None])
-        todo = todo[~done]
-        k = vocab
-    return (flat >= threshold).reshape(logits.shape)
+        flat_rows = ~done & (probs.sum(-1) < FLAT_ROW_RATIO * k / vocab)
+        bottom = torch.cat([bottom, todo[flat_rows]])
+        todo = todo[~done & ~flat_rows]
+    k = min(vocab - 1, max(NUCLEUS_TOP_K[1], vocab // 4))
+    if bottom.numel() and k > 0:
+        ranked = torch.topk(flat[bottom], k, dim=-1, largest=False).values  # (n, k) ascending
+        tail = (torch.exp(ranked - top[bottom]) / total[bottom]).cumsum(-1)
+        n_out = (tail <= 1 - p).sum(-1)
+        done = (n_out < k) & (vocab - n_out >= min_tokens)
+        threshold[bottom[done]] = ranked[done].gather(-1, n_out[done][:, None])
+        todo = torch.cat([todo, bottom[~done]])
+    elif bottom.numel():
+        todo = torch.cat([todo, bottom])
+    if todo.numel():
+        ranked = torch.sort(flat[todo], dim=-1, descending=True).values
+        probs = torch.exp(ranked - top[todo]) / total[todo]
+        n_keep = ((probs.cumsum(-1) - probs) < p).sum(-1).clamp(min=min(min_tokens, vocab))
+        threshold[todo] = ranked.gather(-1, (n_keep - 1)[:, None])
+    return threshold
 
 
 def top_k_processor(k: int) -> ChunkProcessor:

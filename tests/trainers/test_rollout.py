@@ -509,18 +509,23 @@ def test_top_p_mask_ties_and_wide_nuclei_against_a_sort() -> None:
     logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
     assert top_p_mask(logits, 0.5).tolist() == [[True, True, True, True]]
     assert top_p_mask(logits, 0.3).tolist() == [[True, False, False, False]]
-    # flat rows whose nucleus is wider than the first topk, and peaked ones, in one batch (…, V) shape
+    # peaked rows (settled by the first topk), wider ones (1 024, 8 192), near-flat ones (from the
+    # bottom) and a flat one at a small p (the full sort), in one batch of (…, V) shape
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 5000, generator=gen) * torch.tensor([0.1, 1.0, 8.0])[None, :, None]
-    for p, keep in ((0.9, 1), (0.5, 100), (0.99, 7)):
+    scales = torch.tensor([0.02, 0.1, 1.0, 2.0, 3.0, 4.0, 8.0])
+    logits = torch.randn(2, len(scales), 20000, generator=gen) * scales[None, :, None]
+    sizes = set()
+    for p, keep in ((0.9, 1), (0.5, 100), (0.99, 7), (0.05, 1), (0.97, 3000)):
         got = top_p_mask(logits, p, keep)
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         kept = (probs.cumsum(-1) - probs) < p
         kept[..., :keep] = True
         want = torch.zeros_like(kept).scatter(-1, order, kept)
-        assert torch.equal(got, want)
-        assert int(got[0, 0].sum()) > 1024  # the flat row needed a second, wider topk
+        assert torch.equal(got, want), (p, keep, (got != want).sum(-1))
+        sizes |= set(got.sum(-1).flatten().tolist())
+    bands = [(1, 128), (129, 1024), (1025, 8192), (8193, 15000), (15001, 20000)]
+    assert all(any(lo <= n <= hi for n in sizes) for lo, hi in bands)  # every path was taken
 
 
 def test_chunked_processors_equal_step_by_step() -> None:
