@@ -145,6 +145,7 @@ def write_span_snapshot(path: Path, task, n_pairs: int) -> Path:
 def run_regime(args: argparse.Namespace, n_train: int, root: Path) -> dict:
     """All arms × seeds on one training-set size; returns per-run rows, a summary and a verdict."""
     from trainers.config import OptimConfig
+    from trainers.data import jsonl_lines
     from trainers.recipes.reward_model import RewardModelConfig
     from trainers.recipes.reward_model import train as train_sequence
     from trainers.recipes.segment_reward_model import SegmentationConfig, SegmentRewardModelConfig, SpanConfig
@@ -155,7 +156,7 @@ def run_regime(args: argparse.Namespace, n_train: int, root: Path) -> dict:
     task = SyntheticTask()
     snap = write_synthetic_snapshot(root / "data", n_train=n_train, n_eval=args.eval_pairs, task=task)
     spans = write_span_snapshot(root / "data" / "spans.jsonl", task, args.span_pairs)
-    rows = [json.loads(line) for line in snap.train.read_text().splitlines()]
+    rows = [json.loads(line) for line in jsonl_lines(snap.train.read_text(encoding="utf-8")) if line.strip()]
     texts = [r["prompt"] + r[side] for r in rows for side in ("chosen", "rejected")]
     arms: dict[str, list[dict]] = {}
 

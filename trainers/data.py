@@ -92,6 +92,16 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text, split at "\\n" only.
+
+    ``str.splitlines`` also splits at U+2028, U+2029 and U+0085, which ``json.dumps(ensure_ascii=False)``
+    writes raw inside strings, and sampled model text contains them: one such response would read as
+    two broken rows.
+    """
+    return text.split("\n")
+
+
 def snapshot_sha256(path: str | Path) -> str:
     """sha256 of a snapshot: of a file's bytes, or of a folder's ``sha256sum``-style manifest.
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from trainers.data import jsonl_lines
 from trainers.losses import bradley_terry_loss
 
 
@@ -74,7 +75,7 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All complete lines of a metrics file (a torn last line from a crash is skipped)."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(Path(path).read_text(encoding="utf-8")):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -80,11 +80,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
     A bad line anywhere else is an error (:class:`trainers.data.SnapshotError` naming the row).
     """
-    from trainers.data import SnapshotError
+    from trainers.data import SnapshotError, jsonl_lines
 
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = jsonl_lines(path.read_text(encoding="utf-8"))
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

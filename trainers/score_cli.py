@@ -45,6 +45,7 @@ from trainers.checkpoint import (
     verify_manifest,
 )
 from trainers.config import ConfigError
+from trainers.data import jsonl_lines
 
 RECIPE_KINDS = {"reward_model": "reward", "segment_reward_model": "segment_reward"}
 """Checkpoint kind by recipe, for a ``studio.json`` written before it recorded ``kind``."""
@@ -109,7 +110,7 @@ def read_rows(path: str | Path) -> list[ScoreRow]:
     """All rows of an input JSONL file, validated before any model is loaded."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = jsonl_lines(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), None, f"cannot read the input: {exc}") from exc
     rows: list[ScoreRow] = []

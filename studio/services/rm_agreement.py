@@ -290,7 +290,7 @@ def _read_scores(path: Path, expected: set[int]) -> dict[int, float]:
     """The child's output, checked: exactly the requested ids, each with a finite number."""
     scores: dict[int, float] = {}
     try:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in filter(None, path.read_text(encoding="utf-8").split("\n")):  # not splitlines: U+2028
             row = json.loads(line)
             scores[int(row["id"])] = float(row["score"])
     except (OSError, ValueError, KeyError, TypeError) as exc:

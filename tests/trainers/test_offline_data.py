@@ -134,3 +134,12 @@ def test_headless_stage_on_the_sentiment_task(tmp_path, tiny_model, capsys):
     assert trainers_main(["offline_data", *args]) == 0  # the same through `python -m trainers offline_data`
     assert main([*args[:-4], "--set", "n_train=100000"]) == 2
     assert "error[bad_input]" in capsys.readouterr().err
+
+
+def test_text_with_unicode_line_separators_reads_back_whole(tmp_path):
+    # json.dumps(ensure_ascii=False) leaves U+2028/U+2029/U+0085 raw; SmolLM2 samples contain them
+    rows = [{"prompt_index": i, "response": f"one{sep}two"} for i, sep in enumerate("\u2028\u2029\x85")]
+    path = tmp_path / SAMPLES
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert read_jsonl(path) == rows
+    assert path.read_text(encoding="utf-8").count("\n") == 3  # nothing was taken for a torn line

@@ -261,3 +261,12 @@ def test_the_output_is_replaced_atomically(sequence_rm, tmp_path, monkeypatch, c
     assert score(sequence_rm, inp, out) == 0
     assert [r["id"] for r in read_output(out)] == [1, "two", 3, 4]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_a_response_with_a_unicode_line_separator_is_one_row(tmp_path):
+    from trainers.score_cli import read_rows
+
+    path = tmp_path / "in.jsonl"
+    rows = [{"id": 1, "prompt": "p", "response": "a\u2028b"}, {"id": 2, "prompt": "q", "response": "c\x85d"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    assert [(r.id, r.response) for r in read_rows(path)] == [(1, "a\u2028b"), (2, "c\x85d")]
