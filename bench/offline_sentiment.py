@@ -25,6 +25,7 @@ pipeline on a tiny random Llama built in a temp folder, into ``offline_sentiment
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -346,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
         "--smoke", action="store_true", help="a tiny random model in a temp folder, tiny settings"
     )
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the data stages here (resumed by a later run with the same settings); default: a temp folder")  # fmt: skip
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -356,8 +359,11 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
         settings = SMOKE if args.smoke else SETTINGS
-        with tempfile.TemporaryDirectory(prefix="offline-sentiment-") as tmp:
-            work = Path(tmp)
+        with contextlib.ExitStack() as stack:
+            work = args.work or Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="offline-sentiment-"))
+            )
+            work.mkdir(parents=True, exist_ok=True)
             model = str(smoke_model(work / "models")) if args.smoke else "smollm2"
             for seed in args.seeds:
                 stage, info, start = data_stage(seed, work, model, settings)
