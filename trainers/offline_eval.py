@@ -102,11 +102,13 @@ def controllability_curve(
 
 def curve_metrics(curve: Sequence[dict[str, float]], prefix: str = "eval/dt/") -> dict[str, float]:
     """Metrics of a curve: ``{prefix}{target}/reward`` and ``/kl`` per point (target as in the prompt,
-    e.g. ``eval/dt/-1.00/reward``), and ``{prefix}slope`` (least-squares reward per unit of target)."""
+    e.g. ``eval/dt/-1.00/reward``, with its ``reward_std`` over responses), and ``{prefix}slope`` (least-squares reward per unit of target)."""
     out: dict[str, float] = {}
     for point in curve:
         key = f"{prefix}{format_score(point['target'])}/"
         out[key + "reward"] = point["reward"]
+        if "reward_std" in point:
+            out[key + "reward_std"] = point["reward_std"]
         out[key + "kl"] = point["kl"]
     if len(curve) >= 2:
         out[prefix + "slope"] = curve_slope([p["target"] for p in curve], [p["reward"] for p in curve])

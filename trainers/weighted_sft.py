@@ -117,6 +117,9 @@ class WeightedSFTConfig:
     """Training prompts the data stage samples for (null: all)."""
     n_eval: int = bounded(32, ge=0)
     """Held-out prompts evaluated (0: no evaluation)."""
+    eval_samples: int = bounded(1, ge=1)
+    """Responses sampled per held-out prompt, each with its own noise (more: a less noisy mean reward,
+    e.g. for a DT curve whose points differ by less than one response's spread)."""
     model: str = "smollm2"
     """Starting policy (also the sampler of the data stage and the evaluation's reference)."""
     model_cache: str | None = None
@@ -367,7 +370,7 @@ def setup(cfg: Any, method: Method) -> Run:
     state = None
     if latest is not None:
         check_resumable(cfg.output_dir, cfg.resume, latest, studio, keys=RESUME_KEYS,
-                        harmless=HARMLESS_FIELDS | {"samples", "n_eval", "eval_at_start", "chunk_steps"})  # fmt: skip
+                        harmless=HARMLESS_FIELDS | {"samples", "n_eval", "eval_samples", "eval_at_start", "chunk_steps"})  # fmt: skip
         state = load_training_state(latest)
 
     examples = encode_examples(
@@ -401,10 +404,12 @@ def setup(cfg: Any, method: Method) -> Run:
 
 def make_eval_setup(cfg: Any, task: Task, tokenizer: Any, device: str) -> EvalSetup | None:
     """The held-out evaluation of a run (None without prompts): the task's first ``n_eval`` held-out
-    prompts, the data stage's reward, ``eval_sampling`` with seed + :data:`EVAL_SEED_OFFSET`."""
+    prompts, each ``eval_samples`` times (row i has its own sampling stream, so the copies differ), the
+    data stage's reward, ``eval_sampling`` with seed + :data:`EVAL_SEED_OFFSET`."""
     if not (task.eval_prompts and cfg.n_eval):
         return None
-    return EvalSetup(tokenizer, task.eval_prompts[: cfg.n_eval], task.reward(tokenizer, cfg.data.reward, device=device),
+    prompts = [prompt for prompt in task.eval_prompts[: cfg.n_eval] for _ in range(cfg.eval_samples)]
+    return EvalSetup(tokenizer, prompts, task.reward(tokenizer, cfg.data.reward, device=device),
                      cfg.eval_sampling, cfg.eval_batch_size, cfg.seed + EVAL_SEED_OFFSET, cfg.max_prompt_tokens,
                      task.stop_at_newline, cfg.chunk_steps)  # fmt: skip
 

@@ -295,3 +295,22 @@ def test_sigterm_from_the_command_line_checkpoints_exits_143_and_the_run_resumes
     assert summary["recipe"] == "dt" and summary["stopped"] and summary["last_checkpoint"]
     resumed = dt.train(load_config(dt.DTConfig, cfg_path), should_stop=lambda step: True)
     assert str(resumed.resumed_from) == summary["last_checkpoint"] and resumed.steps == summary["steps"] + 1
+
+
+def test_eval_samples_repeat_each_held_out_prompt_with_its_own_noise(tmp_path, tiny_model):
+    from trainers.offline_eval import evaluate_plain
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    cfg = config(dt.DTConfig, tmp_path / "e", tiny_model, None, n_eval=2, eval_samples=3)
+    setup = weighted_sft.make_eval_setup(cfg, toy_task(), tokenizer, "cpu")
+    assert list(setup.prompts) == [EVAL[0]] * 3 + [EVAL[1]] * 3
+    responses = []
+
+    class Recording:
+        def score(self, prompts, texts):
+            responses.extend(texts)
+            return low_half(tokenizer).score(prompts, texts)
+
+    evaluate_plain(lm, lm, dataclasses.replace(setup, reward=Recording()))
+    assert len(responses) == 6 and len(set(responses[:3])) > 1  # three different samples of one prompt
