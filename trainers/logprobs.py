@@ -73,6 +73,58 @@ def head_logps(
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+class _PickedLogprob(torch.autograd.Function):
+    """(N, V), (N,) → log softmax(logits)[target] (N,), and softmax(logits) (N, V) and logsumexp (N, 1)
+    without gradient, with a one-pass backward: ∂/∂logits = g·(onehot(target) − p).
+
+    Autograd's log_softmax → gather writes the (N, V) log-probs, then in backward a zero (N, V) gather
+    gradient and a log_softmax backward that recomputes exp; here p is computed once, is what backward
+    reads, and serves a logged entropy too.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor):  # type: ignore[override]
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        picked = (logits.gather(-1, targets[:, None]) - lse).squeeze(-1)
+        p = torch.sub(logits, lse).exp_()
+        ctx.save_for_backward(p, targets)
+        ctx.mark_non_differentiable(p, lse)
+        return picked, p, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _grad_p: Any, _grad_lse: Any):  # type: ignore[override]
+        p, targets = ctx.saved_tensors
+        out = p * -grad[:, None]
+        return out.scatter_add_(-1, targets[:, None], grad[:, None]), None
+
+
+def picked_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(…, V) float32 logits (−inf on banned tokens), (…) long targets → (…) log softmax(logits)[target]
+    and, with ``entropy``, (…) the distribution's entropy without a graph (for logging), else None.
+
+    Equal to ``log_softmax(logits).gather(target)`` up to rounding (~1e−7); the gradient flows to
+    ``logits`` through a one-pass backward (:class:`_PickedLogprob`). The entropy is computed after
+    the autograd node, so a checkpointed chunk's recompute (which stops once the saved tensors are
+    rebuilt) never redoes it.
+    """
+    shape, vocab = targets.shape, logits.shape[-1]
+    flat, flat_targets = logits.reshape(-1, vocab), targets.reshape(-1)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        picked, p, lse = _PickedLogprob.apply(flat, flat_targets)
+    else:
+        lse = torch.logsumexp(flat, -1, keepdim=True)
+        picked = (flat.gather(-1, flat_targets[:, None]) - lse).squeeze(-1)
+        p = torch.sub(flat, lse).exp_() if entropy else None
+    if not entropy:
+        return picked.view(shape), None
+    # H = lse − Σ p·logit over the finite logits (a banned token has p = 0 and logit −inf)
+    with torch.no_grad():
+        ent = lse.squeeze(-1) - torch.bmm(p[:, None, :], flat.nan_to_num(neginf=0.0)[:, :, None]).view(-1)
+    return picked.view(shape), ent.view(shape)
+
+
 def chunked_head_logps(
     hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk_tokens: int
 ) -> torch.Tensor:

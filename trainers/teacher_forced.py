@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainers.logprobs import direct_head
+from trainers.logprobs import direct_head, picked_logprobs
 from trainers.rollout import LogitsProcessor, apply_chunk, entropy_of, positions
 
 RECOMPUTE_ABOVE_BYTES = 64 * 2**20
@@ -73,16 +73,11 @@ def chunk_scores(
     logits = head(states).float()
     if processors:  # a fresh head output is ours to edit in place (no (B, c, V) copy per processor)
         logits = apply_chunk(processors, first_step, logits, owned=logits is not states)
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, targets[..., None]).squeeze(-1)
-    if not with_entropy:
-        return picked, torch.zeros_like(picked)
-    if with_entropy == "detached":
-        # No graph: nothing is saved for backward, so a checkpointed chunk's recompute (which stops
-        # once the saved tensors are rebuilt) never redoes these (B, c, V) ops, and backward skips them.
-        with torch.no_grad():
-            return picked, entropy_of(logp)
-    return picked, entropy_of(logp)
+    if with_entropy is True:  # the entropy carries a graph (an entropy bonus): autograd all the way
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp.gather(-1, targets[..., None]).squeeze(-1), entropy_of(logp)
+    picked, entropy = picked_logprobs(logits, targets, entropy=with_entropy == "detached")
+    return picked, torch.zeros_like(picked) if entropy is None else entropy
 
 
 def score_tokens(

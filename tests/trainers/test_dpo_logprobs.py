@@ -101,3 +101,35 @@ def test_prompt_positions_never_count() -> None:
         total, scored = model(ids, attention, everything), model(ids, attention, response)
     torch.testing.assert_close(total - scored, prompt_part, rtol=1e-5, atol=1e-5)
     assert (prompt_part < 0).all()  # the prompt's log-probs are real, and left out of `scored`
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_picked_logprobs_equal_log_softmax_gather_in_value_gradient_and_entropy(entropy):
+    from trainers.logprobs import picked_logprobs
+    from trainers.rollout import entropy_of
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, 50, generator=gen, dtype=torch.float64) * 3
+    base[..., 7] = float("-inf")  # a banned token (a logits processor's −inf)
+    targets = torch.randint(0, 50, (3, 5), generator=gen)
+    targets[targets == 7] = 8
+    weights = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    mine, ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+    picked, ent = picked_logprobs(mine, targets, entropy=entropy)
+    logp = torch.log_softmax(ref, -1)
+    want = logp.gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(picked, want)
+    (picked * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(mine.grad, ref.grad)  # g·(onehot − p), 0 on the banned token
+    assert mine.grad[..., 7].eq(0).all()
+    if entropy:
+        assert not ent.requires_grad
+        torch.testing.assert_close(ent, entropy_of(logp.detach()))
+    else:
+        assert ent is None
+    with torch.no_grad():  # the graph-free path gives the same numbers
+        again, ent2 = picked_logprobs(base, targets, entropy=entropy)
+    torch.testing.assert_close(again, picked.detach())
+    if entropy:
+        torch.testing.assert_close(ent2, ent)

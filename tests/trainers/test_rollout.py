@@ -372,7 +372,8 @@ def test_detached_entropy_has_the_same_values_and_no_graph_or_recompute(lm) -> N
     with Count():
         detached.logprobs.sum().backward()
     for a, b in zip((p.grad for p in model.parameters()), want, strict=True):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        # the same up to fp32 rounding: the detached path back-propagates through picked_logprobs' fused backward
+        assert float((a - b).norm()) <= 1e-6 * float(b.norm()) + 1e-12
     # the checkpointed chunks' recompute stops at the gather: no exp/nan_to_num of the entropy in backward
     assert not any("nan_to_num" in op for op in ops)
 
