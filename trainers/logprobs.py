@@ -69,8 +69,7 @@ def head_logps(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
 ) -> torch.Tensor:
     """log softmax(hidden @ weightᵀ + bias)[target] for each row: (N, H), (V, H), (V,), (N,) → (N,) float32."""
-    logits = F.linear(hidden, weight, bias).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    return picked_logprobs(F.linear(hidden, weight, bias).float(), targets)[0]
 
 
 class _PickedLogprob(torch.autograd.Function):
