@@ -76,6 +76,23 @@ def standardise(values: Sequence[float], mean: float | None = None, std: float |
     return [(r - mu) / std for r in rs]
 
 
+def standardise_per_prompt(samples: Sequence[ScoredSample]) -> list[float]:
+    """(N,) samples → (N,) rewards standardised within each prompt's group (:func:`standardise` per
+    ``prompt_index``; a group of one, or of equal rewards, gives 0). [ours, not the paper's]
+
+    Over the whole set, part of z is which prompt a sample answers (some prompts invite positive
+    text); within a prompt, z is only what the response itself did better or worse.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.prompt_index, []).append(i)
+    out = [0.0] * len(samples)
+    for rows in groups.values():
+        for i, z in zip(rows, standardise([samples[i].reward for i in rows]), strict=True):
+            out[i] = z
+    return out
+
+
 # ----------------------------------------------------------------------------- filtered MLE
 
 

@@ -21,6 +21,7 @@ from trainers.offline import (
     parse_dt_prompt,
     rwr_weights,
     standardise,
+    standardise_per_prompt,
     threshold_filter,
 )
 from trainers.offline_eval import UnconditionedReward
@@ -46,6 +47,18 @@ def test_standardise_by_hand_and_invariant_to_affine_rescaling():
     assert standardise([3 * r + 5 for r in raw]) == pytest.approx(z, abs=1e-12)  # a > 0: same z
     assert standardise([7.0, 7.0, 7.0]) == [0.0, 0.0, 0.0] and standardise([4.0]) == [0.0]
     assert standardise([1.0, 3.0], mean=0.0, std=2.0) == [0.5, 1.5]  # fixed statistics (NeMo's option)
+
+
+def test_standardise_per_prompt_by_hand():
+    # prompt 0: rewards 1, 2, 3 → −1, 0, 1; prompt 1: 10, 14 → mean 12, sd √8 → ∓2/√8; prompt 2: constant → 0
+    rows = [sample(0, 0, 1.0), sample(1, 0, 10.0), sample(0, 1, 2.0), sample(2, 0, 5.0), sample(1, 1, 14.0),
+            sample(0, 2, 3.0), sample(2, 1, 5.0), sample(3, 0, 9.0)]  # fmt: skip
+    half = 2 / math.sqrt(8)
+    assert standardise_per_prompt(rows) == pytest.approx([-1.0, -half, 0.0, 0.0, half, 1.0, 0.0, 0.0])
+    shifted = [sample(r.prompt_index, r.sample_index, r.reward + 100 * r.prompt_index) for r in rows]
+    assert standardise_per_prompt(shifted) == pytest.approx(
+        standardise_per_prompt(rows)
+    )  # a prompt's level drops out
 
 
 # ----------------------------------------------------------------------------- filters
@@ -211,3 +224,16 @@ def test_curve_slope_by_hand():
     assert curve_slope([0, 1], [0.5, 0.2]) == pytest.approx(-0.3)
     with pytest.raises(ValueError):
         curve_slope([1, 1], [0.0, 1.0])
+
+
+def test_dt_writes_the_set_z_or_the_per_prompt_z_into_the_prompt():
+    from trainers.recipes import dt
+    from trainers.weighted_sft import OfflineData
+
+    rows = [sample(0, 0, 1.0, z=-0.3), sample(0, 1, 3.0, z=0.9), sample(1, 0, 8.0, z=2.1)]
+    data = OfflineData(rows, None, {}, "x")
+    scores = {"set": [-0.3, 0.9, 2.1], "prompt": [-0.71, 0.71, 0.0]}  # ∓1/√2 within prompt 0; alone → 0
+    for mode, want in scores.items():
+        examples = dt.select(dt.DTConfig(output_dir="unused", normalise=mode), data)
+        assert [parse_dt_prompt(e.prompt)[1] for e in examples] == want
+        assert [parse_dt_prompt(e.prompt)[0] for e in examples] == [r.prompt for r in rows]

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from trainers import weighted_sft
 from trainers.config import ConfigError, bounded, run_recipe_cli
-from trainers.offline import dt_prompt
+from trainers.offline import dt_prompt, standardise_per_prompt
 from trainers.offline_eval import EvalSetup, controllability_curve, curve_metrics, evaluate_dt
 from trainers.recipe_common import TrainResult
 from trainers.weighted_sft import Method, OfflineData, SFTExample, WeightedSFTConfig
@@ -54,6 +54,10 @@ class DTConfig(WeightedSFTConfig):
     placement: Literal["prefix", "suffix"] = "prefix"
     """Where the "<rm_score>: z" tag goes: before the prompt (keeps a continuation's words together)
     or after it (OpenRLHF)."""
+    normalise: Literal["set", "prompt"] = "set"
+    """The score written into the prompt: the reward standardised over the whole set (the paper's),
+    or within each prompt's N samples (ours: the score then says only how the response compares
+    with the other responses to the same prompt)."""
     decimals: int = bounded(2, ge=0, le=6)
     """Decimals of the score in the prompt (OpenRLHF 2, NeMo 1)."""
     target: float = 2.0
@@ -68,8 +72,9 @@ def select(cfg: DTConfig, data: OfflineData) -> list[SFTExample]:
         raise ConfigError(
             cfg.snapshot or "<config>", "snapshot", "DT needs scored samples, not preference pairs"
         )
-    return [SFTExample(dt_prompt(s.prompt, s.z, decimals=cfg.decimals, placement=cfg.placement), s.response, s.eos,
-                       s.prompt_index, s.z) for s in data.samples]  # fmt: skip
+    scores = [s.z for s in data.samples] if cfg.normalise == "set" else standardise_per_prompt(data.samples)
+    return [SFTExample(dt_prompt(s.prompt, z, decimals=cfg.decimals, placement=cfg.placement), s.response, s.eos,
+                       s.prompt_index, z) for s, z in zip(data.samples, scores, strict=True)]  # fmt: skip
 
 
 def evaluate(cfg: DTConfig, policy: Any, reference: Any, setup: EvalSetup) -> dict[str, float]:
@@ -88,7 +93,8 @@ def evaluate(cfg: DTConfig, policy: Any, reference: Any, setup: EvalSetup) -> di
 
 
 METHOD = Method(RECIPE, select, evaluate=evaluate,
-                extra=lambda cfg: {"placement": cfg.placement, "decimals": cfg.decimals, "target": cfg.target})  # fmt: skip
+                extra=lambda cfg: {"placement": cfg.placement, "decimals": cfg.decimals, "target": cfg.target,
+                                  "normalise": cfg.normalise})  # fmt: skip
 
 
 def train(cfg: DTConfig, *, should_stop=None) -> TrainResult:
