@@ -220,7 +220,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             p = nlpo["phases_cpu_s"]
             parts = {
                 "masking policy forwards (KV-cached, one per sampled token)": p.get("mask_forward", 0.0),
-                "top-p mask of the masking policy (topk of 128 per step; a sort for near-flat rows)": p.get("top_p_mask", 0.0),
+                "top-p mask of the masking policy (topk 128 → 1 024 → 8 192, near-flat rows from the bottom, then a sort)": p.get("top_p_mask", 0.0),
                 "applying + recording the mask in stage 1": max(p.get("mask_call", 0.0) - p.get("top_p_mask", 0.0)
                                                                  - _lazy_forward(p), 0.0),
                 "stacking the (B, T, V) masks": p.get("mask_stack", 0.0),
